@@ -1,0 +1,104 @@
+"""Who may watch what.
+
+A token's streams claim lists `<kind>/<id>` patterns with `*` wildcards
+(`["evaluations/*", "optimizations/job-42"]`). A resource no pattern grants is refused
+with 403 before anything is opened upstream, unless `auth.authorize_url` is set: then
+the webhook decides what the token cannot carry (say, per-evaluation ownership). Its
+decisions are cached for `authorize_cache_ttl` seconds, and any webhook failure denies.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Iterable
+from functools import lru_cache
+
+import httpx
+
+from gateway.auth import Principal
+from gateway.config import AuthConfig
+from gateway.errors import AuthError
+
+_CACHE_LIMIT = 10000
+
+
+@lru_cache(maxsize=1024)
+def _compile(pattern: str) -> re.Pattern[str]:
+    return re.compile("".join("[^/]*" if part == "*" else re.escape(part) for part in re.split(r"(\*)", pattern)))
+
+
+def pattern_allows(patterns: Iterable[str], resource: str) -> bool:
+    """Whether any `<kind>/<id>` pattern (with `*` wildcards) matches `resource`."""
+    return any(_compile(p).fullmatch(resource) for p in patterns if "/" in p)
+
+
+class DecisionCache:
+    """A small TTL cache of webhook decisions (the Redis broker shares it across replicas)."""
+
+    def __init__(self, ttl: float, clock: Callable[[], float] = time.monotonic) -> None:
+        self.ttl = ttl
+        self.clock = clock
+        self._entries: OrderedDict[tuple[str, str], tuple[bool, float]] = OrderedDict()
+
+    async def get(self, consumer: str, resource: str) -> bool | None:
+        entry = self._entries.get((consumer, resource))
+        if entry is None or entry[1] < self.clock():
+            return None
+        return entry[0]
+
+    async def put(self, consumer: str, resource: str, allowed: bool) -> None:
+        if self.ttl <= 0:
+            return
+        self._entries[(consumer, resource)] = (allowed, self.clock() + self.ttl)
+        self._entries.move_to_end((consumer, resource))
+        while len(self._entries) > _CACHE_LIMIT:
+            self._entries.popitem(last=False)
+
+
+class Authorizer:
+    """Decides whether a principal may open a resource; raises AuthError(403) if not."""
+
+    def __init__(self, config: AuthConfig, client: httpx.AsyncClient | None = None,
+                 cache: DecisionCache | None = None) -> None:
+        self.config = config
+        self._client = client
+        self.cache = cache or DecisionCache(config.authorize_cache_ttl)
+
+    async def check(self, principal: Principal, resource: str) -> None:
+        if pattern_allows(principal.streams, resource):
+            return
+        if self.config.authorize_url is None:
+            raise AuthError(f"not allowed to open {resource}", status=403, code="forbidden", reason="forbidden")
+        allowed = await self.cache.get(principal.consumer, resource)
+        if allowed is None:
+            allowed = await self._ask(principal, resource)
+            if allowed is not None:
+                await self.cache.put(principal.consumer, resource, allowed)
+        if not allowed:
+            raise AuthError(f"not allowed to open {resource}", status=403, code="forbidden",
+                            reason="forbidden" if allowed is False else "webhook_failed")
+
+    async def _ask(self, principal: Principal, resource: str) -> bool | None:
+        """The webhook's answer; None (deny, uncached) when it fails."""
+        if self._client is None:
+            self._client = httpx.AsyncClient()
+        claims = {k: v for k, v in principal.claims.items() if isinstance(k, str)}
+        try:
+            response = await self._client.post(
+                str(self.config.authorize_url),
+                json={"consumer": principal.consumer, "claims": claims, "resource": resource},
+                timeout=self.config.authorize_timeout,
+            )
+        except httpx.HTTPError:
+            return None
+        if response.status_code in (401, 403):
+            return False
+        if response.status_code != 200:
+            return None
+        try:
+            body = response.json()
+        except ValueError:
+            return None
+        return bool(isinstance(body, dict) and body.get("allow") is True)

@@ -1,0 +1,294 @@
+"""Typed, frozen gateway configuration, loaded from YAML and validated once at startup.
+
+pydantic does the type checking and reports every problem with the dotted key it
+belongs to; this module adds `${VAR}` expansion from the environment and `*_file`
+secrets, and turns every failure into one `ConfigError` listing all problems.
+Nothing else in the gateway reads YAML or the environment.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+_VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
+
+#: Algorithms accepted in `auth.jwt.algorithms`; 'none' is deliberately absent.
+HMAC_ALGORITHMS = frozenset({"HS256", "HS384", "HS512"})
+PUBLIC_KEY_ALGORITHMS = frozenset(
+    {"RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "ES512", "EdDSA"}
+)
+
+
+class ConfigError(Exception):
+    """Invalid configuration: `problems` lists every `key: what is wrong` found."""
+
+    def __init__(self, problems: list[str]) -> None:
+        self.problems = problems
+        super().__init__("invalid configuration:\n" + "\n".join(f"  - {p}" for p in problems))
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+PositiveSeconds = Annotated[float, Field(gt=0)]
+
+
+class ServerConfig(_Section):
+    host: str = "127.0.0.1"
+    port: int = Field(8080, ge=0, le=65535)
+    allowed_origins: tuple[str, ...] = ()
+    trusted_proxies: tuple[str, ...] = ()
+    max_connections: int = Field(20000, ge=1)
+    max_connections_per_consumer: int = Field(64, ge=1)
+    max_connections_per_ip: int = Field(256, ge=1)
+    drain_timeout: PositiveSeconds = 10.0
+
+    @field_validator("allowed_origins")
+    @classmethod
+    def _origins(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        for origin in value:
+            if origin != "*" and not re.fullmatch(r"https?://[^/\s]+", origin):
+                raise ValueError(f"{origin!r} is not an origin like https://app.example.com (no path)")
+        return tuple(o.rstrip("/") for o in value)
+
+
+class UpstreamConfig(_Section):
+    base_url: str = "https://api.layerlens.ai"
+    api_key: str | None = Field(None, repr=False)
+    api_key_file: Path | None = None
+    connect_timeout: PositiveSeconds = 10.0
+    read_timeout: PositiveSeconds = 90.0
+    backoff_initial: PositiveSeconds = 0.5
+    backoff_max: PositiveSeconds = 30.0
+    optimization_ws_path: str = "/ws/optimization"
+    ws_ping_interval: PositiveSeconds = 20.0
+
+    @field_validator("base_url")
+    @classmethod
+    def _origin_only(cls, value: str) -> str:
+        if not re.fullmatch(r"https?://[^/\s]+/?", value):
+            raise ValueError("must be an origin like https://api.layerlens.ai (the gateway appends /api/v1/...)")
+        return value.rstrip("/")
+
+    @field_validator("optimization_ws_path")
+    @classmethod
+    def _path(cls, value: str) -> str:
+        if not value.startswith("/"):
+            raise ValueError("must start with '/'")
+        return value
+
+    @model_validator(mode="after")
+    def _key_present(self) -> UpstreamConfig:
+        if not self.api_key:
+            raise ValueError("upstream.api_key (or api_key_file) is required")
+        return self
+
+    @property
+    def ws_url(self) -> str:
+        return "ws" + self.base_url[len("http"):] + self.optimization_ws_path
+
+
+class JWTConfig(_Section):
+    algorithms: tuple[str, ...] = ("HS256",)
+    secret: str | None = Field(None, repr=False)
+    secret_file: Path | None = None
+    public_key: str | None = None
+    public_key_file: Path | None = None
+    jwks_url: str | None = None
+    jwks_cache_ttl: PositiveSeconds = 300.0
+    jwks_min_refresh_interval: PositiveSeconds = 30.0
+    audience: str | tuple[str, ...] | None = None
+    issuer: str | tuple[str, ...] | None = None
+    leeway: float = Field(30.0, ge=0)
+    consumer_claim: str = "sub"
+    streams_claim: str = "streams"
+    max_token_bytes: int = Field(8192, ge=256)
+
+    @field_validator("algorithms")
+    @classmethod
+    def _algorithms(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        if not value:
+            raise ValueError("at least one algorithm is required")
+        for alg in value:
+            if alg.lower() == "none":
+                raise ValueError("'none' is never accepted")
+            if alg not in HMAC_ALGORITHMS | PUBLIC_KEY_ALGORITHMS:
+                raise ValueError(f"unsupported algorithm {alg!r}")
+        return value
+
+    @model_validator(mode="after")
+    def _keys(self) -> JWTConfig:
+        hmac = [a for a in self.algorithms if a in HMAC_ALGORITHMS]
+        public = [a for a in self.algorithms if a in PUBLIC_KEY_ALGORITHMS]
+        if hmac and public:
+            raise ValueError("mixing HMAC and public-key algorithms invites key confusion; pin one family")
+        if hmac and not self.secret:
+            raise ValueError(f"auth.jwt.secret (or secret_file) is required for {', '.join(hmac)}")
+        if hmac and len(self.secret or "") < 32:
+            raise ValueError("auth.jwt.secret must be at least 32 characters for HMAC signing")
+        if public and not (self.public_key or self.jwks_url):
+            raise ValueError(f"auth.jwt.public_key, public_key_file or jwks_url is required for {', '.join(public)}")
+        return self
+
+
+class AuthConfig(_Section):
+    jwt: JWTConfig = Field(default_factory=JWTConfig)
+    cookie: str | None = "gateway_session"
+    query_param: str | None = None
+    authorize_url: str | None = None
+    authorize_cache_ttl: float = Field(30.0, ge=0)
+    authorize_timeout: PositiveSeconds = 2.0
+
+
+class LimitsConfig(_Section):
+    heartbeat: PositiveSeconds = 15.0
+    replay_buffer: int = Field(10000, ge=1)
+    linger: float = Field(30.0, ge=0)
+    one_stream_per_consumer: Literal["replace", "reject"] = "replace"
+    inactivity_timeout: PositiveSeconds = 3600.0
+    poll_cache_ttl: float = Field(2.0, ge=0)
+    subscriber_buffer: int = Field(1 << 20, ge=1024)
+    send_timeout: PositiveSeconds = 30.0
+    history_ttl: float = Field(300.0, ge=0)
+    max_streams: int = Field(10000, ge=1)
+
+
+class WebSocketConfig(_Section):
+    max_subscriptions: int = Field(32, ge=1)
+    max_message_bytes: int = Field(4096, ge=64)
+    messages_per_second: float = Field(20.0, gt=0)
+    message_burst: int = Field(40, ge=1)
+
+
+class MetricsConfig(_Section):
+    enabled: bool = True
+    port: int | None = Field(None, ge=0, le=65535)
+    host: str = "127.0.0.1"
+
+
+class DashboardConfig(_Section):
+    enabled: bool = False
+
+
+class BrokerConfig(_Section):
+    kind: Literal["memory", "redis"] = "memory"
+    url: str | None = Field(None, repr=False)
+    key_prefix: str = "gw:"
+    lease_ttl: PositiveSeconds = 5.0
+
+    @model_validator(mode="after")
+    def _url(self) -> BrokerConfig:
+        if self.kind == "redis" and not self.url:
+            raise ValueError("broker.url is required when broker.kind is redis")
+        return self
+
+
+class LoggingConfig(_Section):
+    level: Literal["debug", "info", "warning", "error"] = "info"
+
+
+class GatewayConfig(_Section):
+    """The whole configuration; see config/gateway.yaml for every key and its default."""
+
+    server: ServerConfig = Field(default_factory=ServerConfig)
+    upstream: UpstreamConfig
+    auth: AuthConfig = Field(default_factory=AuthConfig)
+    limits: LimitsConfig = Field(default_factory=LimitsConfig)
+    websocket: WebSocketConfig = Field(default_factory=WebSocketConfig)
+    metrics: MetricsConfig = Field(default_factory=MetricsConfig)
+    dashboard: DashboardConfig = Field(default_factory=DashboardConfig)
+    broker: BrokerConfig = Field(default_factory=BrokerConfig)
+    logging: LoggingConfig = Field(default_factory=LoggingConfig)
+
+    def secrets(self) -> tuple[str, ...]:
+        """Every secret value, so log and response scrubbers can look for them."""
+        values = (self.upstream.api_key, self.auth.jwt.secret)
+        return tuple(v for v in values if v)
+
+
+def _expand(node: Any, path: str, env: Mapping[str, str], problems: list[str]) -> Any:
+    if isinstance(node, dict):
+        return {k: _expand(v, f"{path}.{k}" if path else str(k), env, problems) for k, v in node.items()}
+    if isinstance(node, list):
+        return [_expand(v, f"{path}[{i}]", env, problems) for i, v in enumerate(node)]
+    if isinstance(node, str):
+        def substitute(match: re.Match[str]) -> str:
+            name = match.group(1)
+            if name not in env or env[name] == "":
+                problems.append(f"{path}: environment variable {name} is not set")
+                return ""
+            return env[name]
+
+        return _VAR.sub(substitute, node)
+    return node
+
+
+_FILE_KEYS = (("upstream", "api_key"), ("auth.jwt", "secret"), ("auth.jwt", "public_key"))
+
+
+def _read_files(data: dict[str, Any], problems: list[str]) -> None:
+    for section_path, key in _FILE_KEYS:
+        section: Any = data
+        for part in section_path.split("."):
+            section = section.get(part) if isinstance(section, dict) else None
+        if not isinstance(section, dict) or not section.get(f"{key}_file"):
+            continue
+        file_key = f"{section_path}.{key}_file"
+        if section.get(key):
+            problems.append(f"{file_key}: set either {key} or {key}_file, not both")
+            continue
+        try:
+            section[key] = Path(section[f"{key}_file"]).read_text().strip()
+        except OSError as exc:
+            problems.append(f"{file_key}: cannot read {section[f'{key}_file']}: {exc.strerror}")
+
+
+def _format(error: Any) -> str:
+    loc = ".".join(str(part) for part in error["loc"])
+    message = str(error["msg"]).removeprefix("Value error, ")
+    if error["type"] == "extra_forbidden":
+        message = "unknown key"
+    elif error["type"] == "missing":
+        message = "required key is missing"
+    return f"{loc}: {message}" if loc else message
+
+
+def parse_config(data: Any, env: Mapping[str, str] | None = None) -> GatewayConfig:
+    """Validate a parsed YAML document; raise ConfigError listing every problem."""
+    env = os.environ if env is None else env
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(["top level: expected a mapping of sections"])
+    problems: list[str] = []
+    expanded = _expand(data, "", env, problems)
+    _read_files(expanded, problems)
+    try:
+        config = GatewayConfig.model_validate(expanded)
+    except ValidationError as exc:
+        problems.extend(_format(err) for err in exc.errors())
+        raise ConfigError(problems) from None
+    if problems:
+        raise ConfigError(problems)
+    return config
+
+
+def load_config(path: str | Path, env: Mapping[str, str] | None = None) -> GatewayConfig:
+    """Read and validate a YAML config file."""
+    try:
+        text = Path(path).read_text()
+    except OSError as exc:
+        raise ConfigError([f"{path}: cannot read: {exc.strerror}"]) from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError([f"{path}: not valid YAML: {exc}"]) from None
+    return parse_config(data, env)

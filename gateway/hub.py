@@ -1,0 +1,380 @@
+"""The fan-out engine: one shared, bounded log per stream and a cursor per subscriber.
+
+A publish appends one pre-encoded event to the stream's log and wakes the subscribers
+that are idle; it never writes to a socket and never waits for anyone. Each subscriber
+pulls every pending frame in one piece (`Subscription.take`), so a busy stream costs
+one write per subscriber per wake-up, not one per event. Subscribers that are in the
+same place share the same joined bytes. A subscriber whose cursor falls out of the log
+has fallen behind by more than `replay_buffer` events and is closed as a slow consumer;
+it can resume by id.
+
+The hub knows its feeds only through the `Broker` seam (in-process upstreams, or Redis)
+and its subscribers only as a cursor plus two callbacks: `wake` and `abort`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable, Iterable
+from typing import Protocol
+
+from gateway.closes import SHUTTING_DOWN, SLOW_CONSUMER, CloseReason
+from gateway.config import LimitsConfig
+from gateway.events import Event
+from gateway.metrics import Metrics
+
+log = logging.getLogger("gateway.hub")
+
+#: Most events one write carries; bounds the bytes joined for a subscriber that is catching up.
+MAX_EVENTS_PER_WRITE = 512
+
+
+class Broker(Protocol):
+    """What feeds topics: the in-process upstream pool, or the Redis broker."""
+
+    def attach(self, topic: Topic) -> None:
+        """Start feeding `topic` (it has just been created for its first subscriber)."""
+
+    async def detach(self, topic: Topic) -> None:
+        """Stop feeding `topic` (its last subscriber left and `linger` passed, or the hub closes)."""
+
+
+class StreamUnavailable(Exception):
+    """The hub cannot open another stream right now (stream cap reached)."""
+
+
+def _noop() -> None:
+    return None
+
+
+class Subscription:
+    """One subscriber's position in one topic."""
+
+    __slots__ = (
+        "abort", "close_reason", "closed", "consumer", "continuity_lost", "cursor", "last_delivery",
+        "last_write", "paused_exempt", "resume_id", "sending_since", "topic", "wake",
+    )
+
+    def __init__(self, topic: Topic, cursor: int, now: float, consumer: str = "") -> None:
+        self.topic = topic
+        self.cursor = cursor
+        self.consumer = consumer
+        self.wake: Callable[[], None] = _noop
+        self.abort: Callable[[], None] = _noop
+        self.close_reason: CloseReason | None = None
+        self.closed = False
+        self.continuity_lost: str | None = None
+        self.resume_id: str | None = None
+        self.last_delivery = now
+        self.last_write = now
+        self.sending_since = 0.0
+        self.paused_exempt = False
+
+    @property
+    def pending(self) -> bool:
+        """Waiting for its resume id to arrive (the stream is replaying from the start)."""
+        return self.resume_id is not None
+
+    def take(self) -> tuple[bytes, list[Event]] | None:
+        """Every frame after the cursor (up to a bound), advancing it; None if there is nothing."""
+        if self.resume_id is not None:
+            return None
+        topic = self.topic
+        if self.cursor < topic.base:
+            self.close(SLOW_CONSUMER)
+            return None
+        if self.cursor >= topic.head:
+            return None
+        chunk, events, end = topic.chunk(self.cursor)
+        self.cursor = end
+        return chunk, events
+
+    @property
+    def drained(self) -> bool:
+        return self.resume_id is None and self.cursor >= self.topic.head
+
+    def close(self, reason: CloseReason | None) -> None:
+        """End this subscription with `reason` (None: the client went away); the owner writes the goodbye."""
+        if self.close_reason is None and not self.closed:
+            self.close_reason = reason
+        self.closed = True
+        self.wake()
+
+    def last_id(self) -> str | None:
+        """The id of the last event this subscriber was given (its resume point)."""
+        topic = self.topic
+        index = self.cursor - 1 - topic.base
+        if 0 <= index < len(topic.events):
+            return topic.events[index].id
+        return None
+
+
+class Topic:
+    """One resource's stream: a bounded log of encoded events and the subscriptions reading it."""
+
+    def __init__(self, key: str, capacity: int, clock: Callable[[], float] = time.monotonic,
+                 chunk_bytes: int = 1 << 20) -> None:
+        self.key = key
+        self.kind, _, self.resource_id = key.partition("/")
+        self.capacity = capacity
+        self.events: list[Event] = []
+        self._frames: list[bytes] = []
+        self._ids: dict[str, int] = {}
+        self._cache: dict[int, tuple[bytes, list[Event], int]] = {}
+        self._chunk_bytes = chunk_bytes
+        self.base = 0
+        self.subscribers: set[Subscription] = set()
+        self.pending: list[Subscription] = []
+        self.ended = False
+        self.end_reason: CloseReason | None = None
+        self.end_detail: str | None = None
+        self.clock = clock
+        self.last_event_at = clock()
+        self.ordinal = 0
+        self.paused = False
+        self.linger_handle: asyncio.TimerHandle | None = None
+        self.on_ended: Callable[[Topic], None] = lambda topic: None
+
+    @property
+    def head(self) -> int:
+        return self.base + len(self.events)
+
+    @property
+    def last_id(self) -> str | None:
+        return self.events[-1].id if self.events else None
+
+    @property
+    def from_origin(self) -> bool:
+        """Whether the log still holds the stream's very first event."""
+        return self.base == 0
+
+    def has_id(self, event_id: str) -> bool:
+        return event_id in self._ids
+
+    def publish(self, event: Event) -> None:
+        """Append an event and wake every idle subscriber. Never blocks."""
+        if self.ended:
+            return
+        seq = self.head
+        self.events.append(event)
+        self._frames.append(event.sse)
+        self._ids[event.id] = seq
+        self.ordinal += 1
+        self.last_event_at = self.clock()
+        if len(self.events) > self.capacity + max(1, self.capacity // 4):
+            self._trim()
+        if self._cache:
+            self._cache.clear()
+        if self.pending:
+            self._resolve_pending(event, seq)
+        if event.terminal:
+            self.ended = True
+            self.on_ended(self)
+        for sub in self.subscribers:
+            sub.wake()
+
+    def end(self, reason: CloseReason | None = None, detail: str | None = None) -> None:
+        """No more events will come: a terminal event passed, or the upstream failed for good."""
+        if self.ended and reason is None:
+            return
+        self.ended = True
+        if reason is not None and self.end_reason is None:
+            self.end_reason = reason
+            self.end_detail = detail
+        for sub in self.pending:
+            sub.resume_id = None
+            sub.continuity_lost = "unknown"
+            sub.cursor = self.base
+        self.pending.clear()
+        self.on_ended(self)
+        for sub in self.subscribers:
+            sub.wake()
+
+    def _trim(self) -> None:
+        drop = len(self.events) - self.capacity
+        for event in self.events[:drop]:
+            self._ids.pop(event.id, None)
+        del self.events[:drop]
+        del self._frames[:drop]
+        self.base += drop
+
+    def _resolve_pending(self, event: Event, seq: int) -> None:
+        still: list[Subscription] = []
+        for sub in self.pending:
+            wanted = sub.resume_id
+            if wanted == event.id:
+                sub.resume_id = None
+                sub.cursor = seq + 1
+            elif wanted is not None and wanted.isdigit() and event.id.isdigit() and int(event.id) > int(wanted):
+                sub.resume_id = None
+                sub.continuity_lost = "unknown"
+                sub.cursor = self.base
+            else:
+                still.append(sub)
+        self.pending = still
+
+    def position(self, after_id: str | None) -> tuple[int, str | None, bool]:
+        """Where a subscriber resuming after `after_id` starts: (cursor, continuity_lost, pending)."""
+        if after_id is None:
+            return self.base, None, False
+        seq = self._ids.get(after_id)
+        if seq is not None:
+            return seq + 1, None, False
+        if self.from_origin and not self.ended:
+            return self.base, None, True
+        if not self.from_origin and self.events:
+            first = self.events[0].id
+            if after_id.isdigit() and first.isdigit() and int(after_id) < int(first):
+                return self.base, "trimmed", False
+        return self.base, "unknown", False
+
+    def chunk(self, cursor: int) -> tuple[bytes, list[Event], int]:
+        """The joined frames from `cursor`, shared by every subscriber at the same cursor."""
+        cached = self._cache.get(cursor)
+        if cached is not None:
+            return cached
+        start = cursor - self.base
+        stop = min(len(self.events), start + MAX_EVENTS_PER_WRITE)
+        frames = self._frames[start:stop]
+        size = 0
+        for i, frame in enumerate(frames):
+            size += len(frame)
+            if size > self._chunk_bytes and i > 0:
+                stop = start + i
+                frames = frames[:i]
+                break
+        result = (b"".join(frames), self.events[start:stop], self.base + stop)
+        self._cache[cursor] = result
+        return result
+
+
+class Hub:
+    """Topics by key, created on first subscribe and fed through the broker."""
+
+    def __init__(self, limits: LimitsConfig, broker: Broker, metrics: Metrics,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.limits = limits
+        self.broker = broker
+        self.metrics = metrics
+        self.clock = clock
+        self.topics: dict[str, Topic] = {}
+        self._closing = False
+        self._tasks: set[asyncio.Task[None]] = set()
+        metrics.watch_streams(self._open_stream_ages, clock)
+
+    def _open_stream_ages(self) -> Iterable[tuple[str, float]]:
+        for topic in list(self.topics.values()):
+            if not topic.ended and topic.subscribers:
+                yield topic.kind, topic.last_event_at
+
+    def subscribe(self, key: str, after_id: str | None = None, consumer: str = "") -> Subscription:
+        """Join the topic for `key`, creating it (and its single upstream) if needed."""
+        topic = self.topics.get(key)
+        if topic is None:
+            if self._closing or len(self.topics) >= self.limits.max_streams:
+                raise StreamUnavailable("the gateway is at its stream limit")
+            topic = Topic(key, self.limits.replay_buffer, self.clock, self.limits.subscriber_buffer)
+            topic.on_ended = self.topic_ended
+            self.topics[key] = topic
+            self.metrics.upstream_streams.labels(topic.kind).inc()
+            self.broker.attach(topic)
+        if topic.linger_handle is not None:
+            topic.linger_handle.cancel()
+            topic.linger_handle = None
+        cursor, lost, pending = topic.position(after_id)
+        sub = Subscription(topic, cursor, self.clock(), consumer)
+        if after_id is not None:
+            outcome = "continuity_lost" if lost else ("pending" if pending else "hit")
+            self.metrics.replays.labels(outcome).inc()
+        sub.continuity_lost = lost
+        if pending:
+            sub.resume_id = after_id
+            topic.pending.append(sub)
+        topic.subscribers.add(sub)
+        return sub
+
+    def unsubscribe(self, sub: Subscription) -> None:
+        """Leave; the topic's upstream lingers for `limits.linger` seconds after its last subscriber."""
+        topic = sub.topic
+        sub.closed = True
+        topic.subscribers.discard(sub)
+        if sub in topic.pending:
+            topic.pending.remove(sub)
+        if topic.subscribers or self.topics.get(topic.key) is not topic:
+            return
+        delay = self.limits.history_ttl if topic.ended else self.limits.linger
+        loop = asyncio.get_running_loop()
+        topic.linger_handle = loop.call_later(delay, self._expire, topic)
+
+    def _expire(self, topic: Topic) -> None:
+        topic.linger_handle = None
+        if topic.subscribers or self.topics.get(topic.key) is not topic:
+            return
+        self._drop(topic)
+
+    def _drop(self, topic: Topic) -> None:
+        del self.topics[topic.key]
+        self.metrics.upstream_streams.labels(topic.kind).dec()
+        task = asyncio.get_running_loop().create_task(self.broker.detach(topic))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def topic_ended(self, topic: Topic) -> None:
+        """Called by feeds when a topic ends; idle ended topics are kept `history_ttl` for late resumes."""
+        if not topic.subscribers and topic.linger_handle is None and self.topics.get(topic.key) is topic:
+            loop = asyncio.get_running_loop()
+            topic.linger_handle = loop.call_later(self.limits.history_ttl, self._expire, topic)
+
+    def sweep(self) -> None:
+        """Abort subscribers stuck in one write for longer than `limits.send_timeout`."""
+        now = self.clock()
+        timeout = self.limits.send_timeout
+        for topic in list(self.topics.values()):
+            for sub in list(topic.subscribers):
+                if sub.sending_since and now - sub.sending_since > timeout:
+                    sub.close(SLOW_CONSUMER)
+                    sub.abort()
+
+    def tick(self) -> None:
+        """Wake every subscriber so idle ones send a heartbeat or notice the inactivity limit."""
+        for topic in list(self.topics.values()):
+            for sub in list(topic.subscribers):
+                sub.wake()
+
+    async def run_ticker(self) -> None:
+        """One clock for every subscriber: a sweep each second, a heartbeat wake-up each `heartbeat`."""
+        interval = min(self.limits.heartbeat, 1.0)
+        next_beat = self.clock() + self.limits.heartbeat
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                self.sweep()
+                if self.clock() >= next_beat:
+                    next_beat = self.clock() + self.limits.heartbeat
+                    self.tick()
+            except Exception:  # pragma: no cover - a bug here must not stop heartbeats
+                log.exception("hub tick failed")
+
+    def close_all(self, reason: CloseReason = SHUTTING_DOWN) -> int:
+        """End every subscription (start of a drain); returns how many were told."""
+        self._closing = True
+        count = 0
+        for topic in list(self.topics.values()):
+            for sub in list(topic.subscribers):
+                sub.close(reason)
+                count += 1
+        return count
+
+    async def aclose(self) -> None:
+        """Stop every feed (after the drain)."""
+        self._closing = True
+        for topic in list(self.topics.values()):
+            if topic.linger_handle is not None:
+                topic.linger_handle.cancel()
+            self._drop(topic)
+        if self._tasks:
+            with contextlib.suppress(Exception):
+                await asyncio.gather(*self._tasks, return_exceptions=True)

@@ -1,0 +1,112 @@
+"""Limits the gateway enforces towards browsers.
+
+`ConnectionLimiter` caps open streams in total, per consumer and per client address.
+`ExclusiveStreams` mirrors the upstream's one-stream-per-resource-per-consumer rule
+across SSE and WebSocket: with `replace` the older stream is closed as `superseded`
+(a refreshed tab is never locked out); with `reject` the newcomer gets 409.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections import Counter
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+
+from gateway.closes import SUPERSEDED
+from gateway.config import LimitsConfig, ServerConfig
+from gateway.errors import LimitError
+from gateway.hub import Subscription
+
+
+class ConnectionLimiter:
+    """Counts open streams and refuses new ones past a cap (429 with Retry-After, 503 when full)."""
+
+    def __init__(self, config: ServerConfig) -> None:
+        self.config = config
+        self.total = 0
+        self.per_consumer: Counter[str] = Counter()
+        self.per_ip: Counter[str] = Counter()
+
+    def check(self, consumer: str, ip: str) -> None:
+        if self.total >= self.config.max_connections:
+            raise LimitError("the gateway is at capacity", status=503, code="over_capacity",
+                             retry_after=5, reason="max_connections")
+        if self.per_consumer[consumer] >= self.config.max_connections_per_consumer:
+            raise LimitError("too many open streams for this user", retry_after=10,
+                             reason="max_connections_per_consumer")
+        if self.per_ip[ip] >= self.config.max_connections_per_ip:
+            raise LimitError("too many open streams from this address", retry_after=10,
+                             reason="max_connections_per_ip")
+
+    @contextmanager
+    def hold(self, consumer: str, ip: str) -> Iterator[None]:
+        """Count one connection for its lifetime (check first)."""
+        self.check(consumer, ip)
+        self.total += 1
+        self.per_consumer[consumer] += 1
+        self.per_ip[ip] += 1
+        try:
+            yield
+        finally:
+            self.total -= 1
+            self.per_consumer[consumer] -= 1
+            if self.per_consumer[consumer] <= 0:
+                del self.per_consumer[consumer]
+            self.per_ip[ip] -= 1
+            if self.per_ip[ip] <= 0:
+                del self.per_ip[ip]
+
+
+class ExclusiveStreams:
+    """One open stream per (consumer, resource), across transports."""
+
+    def __init__(self, limits: LimitsConfig) -> None:
+        self.policy = limits.one_stream_per_consumer
+        self._open: dict[tuple[str, str], Subscription] = {}
+
+    def check(self, consumer: str, resource: str) -> None:
+        """Refuse early (before any work) under the `reject` policy."""
+        current = self._open.get((consumer, resource))
+        if self.policy == "reject" and current is not None and not current.closed:
+            raise LimitError(f"a stream for {resource} is already open for this user", status=409,
+                             code="stream_already_open", reason="one_stream_per_consumer")
+
+    def claim(self, consumer: str, resource: str, sub: Subscription) -> None:
+        """Make `sub` the consumer's stream for `resource`, superseding an older one."""
+        self.check(consumer, resource)
+        previous = self._open.get((consumer, resource))
+        self._open[(consumer, resource)] = sub
+        if previous is not None and previous is not sub and not previous.closed:
+            previous.close(SUPERSEDED)
+
+    def release(self, consumer: str, resource: str, sub: Subscription) -> None:
+        if self._open.get((consumer, resource)) is sub:
+            del self._open[(consumer, resource)]
+
+
+def _networks(entries: Iterable[str]) -> list[ipaddress.IPv4Network | ipaddress.IPv6Network]:
+    return [ipaddress.ip_network(entry, strict=False) for entry in entries]
+
+
+class ClientAddress:
+    """The client's address: the peer, or the first untrusted hop of X-Forwarded-For behind trusted proxies."""
+
+    def __init__(self, trusted_proxies: Iterable[str]) -> None:
+        self._trusted = _networks(trusted_proxies)
+
+    def _is_trusted(self, address: str) -> bool:
+        try:
+            ip = ipaddress.ip_address(address)
+        except ValueError:
+            return False
+        return any(ip in net for net in self._trusted)
+
+    def resolve(self, peer: str, forwarded_for: str | None) -> str:
+        if not self._trusted or not forwarded_for or not self._is_trusted(peer):
+            return peer
+        hops = [hop.strip() for hop in forwarded_for.split(",") if hop.strip()]
+        for hop in reversed(hops):
+            if not self._is_trusted(hop):
+                return hop
+        return hops[0] if hops else peer

@@ -1,0 +1,86 @@
+"""Prometheus metrics on an injected registry (never the global default one).
+
+Labels are low-cardinality by construction: transports, stream kinds, close codes and
+reasons. No evaluation id, consumer or token ever becomes a label value.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from gateway import __version__
+
+_DELAY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+
+
+class _OldestEventAge(Collector):
+    """Seconds since the last upstream event, per open stream kind (the oldest stream wins)."""
+
+    def __init__(self, source: Callable[[], Iterable[tuple[str, float]]], clock: Callable[[], float]) -> None:
+        self._source = source
+        self._clock = clock
+
+    def collect(self) -> Iterable[GaugeMetricFamily]:
+        family = GaugeMetricFamily(
+            "gateway_upstream_last_event_age_seconds",
+            "Seconds since the last upstream event, oldest open stream per kind",
+            labels=["kind"],
+        )
+        oldest: dict[str, float] = {}
+        now = self._clock()
+        for kind, last in self._source():
+            oldest[kind] = max(oldest.get(kind, 0.0), now - last)
+        for kind, age in sorted(oldest.items()):
+            family.add_metric([kind], age)
+        yield family
+
+
+class Metrics:
+    """Every metric the gateway exports; one instance per app, built on the given registry."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry if registry is not None else CollectorRegistry()
+        r = self.registry
+        self.subscribers = Gauge("gateway_subscribers", "Open browser subscriptions",
+                                 ["transport", "kind"], registry=r)
+        self.upstream_streams = Gauge("gateway_upstream_streams", "Open upstream streams", ["kind"], registry=r)
+        self.upstream_connects = Counter("gateway_upstream_connects", "Upstream connection attempts",
+                                         ["kind", "reason"], registry=r)
+        self.upstream_events = Counter("gateway_upstream_events", "Events received from upstream",
+                                       ["kind"], registry=r)
+        self.frames_sent = Counter("gateway_frames_sent", "Event frames written to browsers",
+                                   ["transport"], registry=r)
+        self.fanout_delay = Histogram("gateway_fanout_delay_seconds",
+                                      "Upstream receipt to write on the browser socket",
+                                      buckets=_DELAY_BUCKETS, registry=r)
+        self.replays = Counter("gateway_replay_requests", "Resume requests by outcome", ["outcome"], registry=r)
+        self.slow_consumers = Counter("gateway_slow_consumer_disconnects",
+                                      "Subscribers disconnected for falling behind", registry=r)
+        self.closes = Counter("gateway_closes", "Streams ended by the gateway, by close code", ["code"], registry=r)
+        self.auth_failures = Counter("gateway_auth_failures", "Rejected credentials by reason", ["reason"],
+                                     registry=r)
+        self.limit_rejections = Counter("gateway_limit_rejections", "Requests refused by a limit", ["limit"],
+                                        registry=r)
+        self.polls = Counter("gateway_poll_requests", "Polling requests from browsers", ["outcome"], registry=r)
+        self.ws_messages = Counter("gateway_ws_client_messages", "WebSocket client messages by outcome",
+                                   ["outcome"], registry=r)
+        self.build_info = Info("gateway_build", "Gateway build information", registry=r)
+        self.build_info.info({"version": __version__})
+        # Redis broker (shared mode).
+        self.leases_held = Gauge("gateway_leases_held", "Upstream leases this replica holds", registry=r)
+        self.lease_takeovers = Counter("gateway_lease_takeovers", "Leases taken over from another replica",
+                                       registry=r)
+        self.redis_roundtrip = Histogram("gateway_redis_roundtrip_seconds", "Redis command round trips",
+                                         buckets=_DELAY_BUCKETS, registry=r)
+        self.tail_lag = Histogram("gateway_redis_tail_lag_seconds", "Redis stream append to local fan-out",
+                                  buckets=_DELAY_BUCKETS, registry=r)
+
+    def watch_streams(self, source: Callable[[], Iterable[tuple[str, float]]],
+                      clock: Callable[[], float] = time.monotonic) -> None:
+        """Register the age-of-last-event gauge, computed at scrape time from `source`."""
+        self.registry.register(_OldestEventAge(source, clock))

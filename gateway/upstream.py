@@ -1,0 +1,209 @@
+"""The upstream side: one resilient SSE connection per evaluation stream.
+
+`SSEFeed` keeps one upstream stream open for one topic until the stream ends. After a
+drop, an inactivity close, a timeout or a 5xx it reconnects with full-jitter backoff
+and `Last-Event-ID`, honouring `retry:` and `Retry-After`, and drops anything it has
+already published, so subscribers see neither a gap nor a duplicate. 409 and 429 mean
+"not yet" (the upstream still holds our previous stream, or rate-limits us). Other
+4xx answers end the stream for its browsers with an error that never carries the key.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import re
+from collections.abc import Callable
+
+import httpx
+
+from gateway.backoff import Backoff, parse_retry_after
+from gateway.closes import UPSTREAM_FAILED, UPSTREAM_UNAVAILABLE
+from gateway.config import UpstreamConfig
+from gateway.events import Event
+from gateway.hub import Topic
+from gateway.metrics import Metrics
+from gateway.sse import SSEDecoder
+
+log = logging.getLogger("gateway.upstream")
+
+_RETRYABLE = frozenset({408, 409, 425, 429})
+_SAFE_CODE = re.compile(r"[A-Za-z0-9_.-]{1,64}")
+_ERROR_BODY_LIMIT = 4096
+
+
+def upstream_error_code(body: bytes) -> str | None:
+    """The upstream's `error.code`, if it is a plain identifier (never free text that could echo input)."""
+    try:
+        parsed = json.loads(body[:_ERROR_BODY_LIMIT])
+    except ValueError:
+        return None
+    error = parsed.get("error") if isinstance(parsed, dict) else None
+    code = error.get("code") if isinstance(error, dict) else None
+    return code if isinstance(code, str) and _SAFE_CODE.fullmatch(code) else None
+
+
+class FeedError(Exception):
+    """The upstream answered in a way that ends the stream (401/403/404 and other final 4xx)."""
+
+
+class SSEFeed:
+    """Feeds one topic from one upstream SSE stream, reconnecting until the stream ends."""
+
+    def __init__(self, topic: Topic, client: httpx.AsyncClient, config: UpstreamConfig, metrics: Metrics,
+                 clock: Callable[[], float], backoff: Backoff | None = None) -> None:
+        self.topic = topic
+        self.client = client
+        self.config = config
+        self.metrics = metrics
+        self.clock = clock
+        self.url = f"{config.base_url}/api/v1/{topic.kind}/{topic.resource_id}/stream"
+        self.backoff = backoff or Backoff(config.backoff_initial, config.backoff_max)
+        self.retry_hint: float = 0.0
+        self.upstream_ids = True
+        self.connected = asyncio.Event()
+
+    async def run(self) -> None:
+        reason = "initial"
+        topic = self.topic
+        while not topic.ended:
+            self.metrics.upstream_connects.labels(topic.kind, reason).inc()
+            delay_floor = 0.0
+            try:
+                published = await self._connect_once()
+                if topic.ended:
+                    return
+                if published:
+                    self.backoff.reset()
+                reason = "eof"
+                delay_floor = self.retry_hint
+            except FeedError as exc:
+                log.warning("upstream stream ended", extra={"stream_kind": topic.kind, "detail": str(exc)})
+                topic.end(UPSTREAM_FAILED, str(exc))
+                return
+            except _Retry as exc:
+                reason = exc.reason
+                delay_floor = exc.retry_after
+            except httpx.TimeoutException:
+                reason = "timeout"
+            except (httpx.TransportError, httpx.StreamError):
+                reason = "error"
+            delay = self.backoff.next(delay_floor)
+            log.info("upstream reconnect scheduled", extra={
+                "stream_kind": topic.kind, "reason": reason, "delay": round(delay, 3),
+                "attempt": self.backoff.attempt})
+            await asyncio.sleep(delay)
+
+    async def _connect_once(self) -> int:
+        headers = {"Accept": "text/event-stream", "X-API-Key": self.config.api_key or "",
+                   "Cache-Control": "no-store"}
+        last = self.topic.last_id
+        if last is not None and self.upstream_ids:
+            headers["Last-Event-ID"] = last
+        timeout = httpx.Timeout(self.config.read_timeout, connect=self.config.connect_timeout)
+        async with self.client.stream("GET", self.url, headers=headers, timeout=timeout) as response:
+            status = response.status_code
+            if status != 200:
+                body = await response.aread() if status < 500 else b""
+                code = upstream_error_code(body)
+                if status in _RETRYABLE or status >= 500:
+                    retry_after = parse_retry_after(response.headers.get("retry-after"),
+                                                    self.config.backoff_max * 4) or 0.0
+                    raise _Retry(f"http_{status if status < 500 else '5xx'}", retry_after)
+                raise FeedError(f"upstream answered {status}" + (f" ({code})" if code else ""))
+            self.connected.set()
+            return await self._consume(response)
+
+    async def _consume(self, response: httpx.Response) -> int:
+        topic = self.topic
+        decoder = SSEDecoder()
+        skip = 0 if self.upstream_ids or topic.ordinal == 0 else topic.ordinal
+        seen = 0
+        published = 0
+        async for chunk in response.aiter_bytes():
+            for sse in decoder.feed(chunk):
+                if decoder.retry is not None:
+                    self.retry_hint = decoder.retry / 1000.0
+                seen += 1
+                if seen <= skip:
+                    continue
+                if sse.id is None or sse.id == "":
+                    if topic.ordinal == 0 or not self.upstream_ids:
+                        self.upstream_ids = False
+                    event_id = str(topic.ordinal + 1)
+                elif _already_seen(topic, sse.id):
+                    continue
+                else:
+                    event_id = sse.id
+                received = self.clock()
+                topic.publish(Event(topic.key, event_id, sse.event, sse.data, received))
+                self.metrics.upstream_events.labels(topic.kind).inc()
+                published += 1
+                if topic.ended:
+                    return published
+        if decoder.retry is not None:
+            self.retry_hint = decoder.retry / 1000.0
+        return published
+
+
+def _already_seen(topic: Topic, event_id: str) -> bool:
+    last = topic.last_id
+    if last is None:
+        return False
+    if event_id.isdigit() and last.isdigit():
+        return int(event_id) <= int(last)
+    return topic.has_id(event_id)
+
+
+class _Retry(Exception):
+    def __init__(self, reason: str, retry_after: float) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.retry_after = retry_after
+
+
+class UpstreamPool:
+    """The in-process broker: one feed task per topic, talking to the upstream directly."""
+
+    def __init__(self, config: UpstreamConfig, metrics: Metrics, clock: Callable[[], float],
+                 client: httpx.AsyncClient | None = None) -> None:
+        self.config = config
+        self.metrics = metrics
+        self.clock = clock
+        self.client = client or httpx.AsyncClient(
+            limits=httpx.Limits(max_connections=None, max_keepalive_connections=32),
+            follow_redirects=False,
+        )
+        self._tasks: dict[str, asyncio.Task[None]] = {}
+
+    def attach(self, topic: Topic) -> None:
+        task = asyncio.get_running_loop().create_task(self._run(topic), name=f"feed {topic.kind}")
+        self._tasks[topic.key] = task
+
+    async def _run(self, topic: Topic) -> None:
+        try:
+            feed = SSEFeed(topic, self.client, self.config, self.metrics, self.clock)
+            await feed.run()
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("upstream feed crashed", extra={"stream_kind": topic.kind})
+            topic.end(UPSTREAM_UNAVAILABLE, "internal error in the upstream feed")
+        finally:
+            if self._tasks.get(topic.key) is asyncio.current_task():
+                del self._tasks[topic.key]
+
+    async def detach(self, topic: Topic) -> None:
+        task = self._tasks.pop(topic.key, None)
+        if task is not None and not task.done():
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+
+    async def aclose(self) -> None:
+        tasks = list(self._tasks.values())
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        self._tasks.clear()
+        await self.client.aclose()

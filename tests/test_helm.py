@@ -1,0 +1,345 @@
+"""The Helm chart in helm/, rendered offline with helm-python-sdk (no helm CLI, no cluster).
+
+Asserts what a production rollout of long-lived streams depends on: the restricted
+security context, probes, the config checksum that rolls pods, a grace period longer
+than preStop + drain, and that bad values (schema violations, several replicas on the
+in-process broker) fail at install time with a message that says why.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+helm = pytest.importorskip(
+    "helm_python", reason="helm-python-sdk is not installed (pip install helm-python-sdk)"
+)
+
+ROOT = Path(__file__).resolve().parent.parent
+CHART = ROOT / "helm"
+CI_VALUES = sorted((CHART / "ci").glob("*.yaml"))
+RELEASE = "gw"
+
+# A redis-broker setup that may run several replicas.
+REDIS = {
+    "config": {"broker": {"kind": "redis", "url": "${REDIS_URL}"}},
+    "secret": {"redisUrl": "redis://redis:6379/0"},
+}
+
+# Metric names the gateway exports (issue 6); alerts and the dashboard may use no other.
+METRICS = {
+    "gateway_subscribers",
+    "gateway_upstream_streams",
+    "gateway_upstream_connects_total",
+    "gateway_upstream_events_total",
+    "gateway_frames_sent_total",
+    "gateway_fanout_delay_seconds",
+    "gateway_slow_consumer_disconnects_total",
+    "gateway_closes_total",
+    "gateway_auth_failures_total",
+    "gateway_limit_rejections_total",
+    "gateway_upstream_last_event_age_seconds",
+    "gateway_build_info",
+}
+
+
+@pytest.fixture(scope="module")
+def chart() -> Any:
+    with helm.Chart.load(CHART) as loaded:
+        yield loaded
+
+
+def render(chart: Any, values: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+    """Every rendered Kubernetes object (NOTES.txt left out)."""
+    manifests = chart.render(values, name=RELEASE, namespace="streaming")
+    docs = []
+    for source, text in manifests.items():
+        if not source.endswith(".yaml"):
+            continue
+        docs.extend(doc for doc in yaml.safe_load_all(text) if doc)
+    return docs
+
+
+def find(docs: list[dict[str, Any]], kind: str) -> list[dict[str, Any]]:
+    return [doc for doc in docs if doc["kind"] == kind]
+
+
+def deployment(chart: Any, values: dict[str, Any] | None = None) -> dict[str, Any]:
+    (dep,) = find(render(chart, values), "Deployment")
+    return dep
+
+
+def container(dep: dict[str, Any]) -> dict[str, Any]:
+    (gateway,) = dep["spec"]["template"]["spec"]["containers"]
+    return gateway
+
+
+def merge(*layers: dict[str, Any]) -> dict[str, Any]:
+    """Deep-merge values layers, later ones winning (as helm -f a -f b does)."""
+    result: dict[str, Any] = {}
+    for layer in layers:
+        stack = [(result, layer)]
+        while stack:
+            into, source = stack.pop()
+            for key, value in source.items():
+                if isinstance(value, dict) and isinstance(into.get(key), dict):
+                    stack.append((into[key], value))
+                else:
+                    into[key] = copy.deepcopy(value)
+    return result
+
+
+def test_chart_metadata(chart: Any) -> None:
+    assert chart.metadata["apiVersion"] == "v2"
+    assert chart.name == "stratix-gateway"
+    assert chart.schema is not None
+
+
+def test_pod_runs_restricted(chart: Any) -> None:
+    dep = deployment(chart)
+    pod = dep["spec"]["template"]["spec"]
+    assert pod["automountServiceAccountToken"] is False
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    assert pod["securityContext"]["runAsUser"] != 0
+    assert pod["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
+    ctx = container(dep)["securityContext"]
+    assert ctx["readOnlyRootFilesystem"] is True
+    assert ctx["allowPrivilegeEscalation"] is False
+    assert ctx["capabilities"]["drop"] == ["ALL"]
+    # the only writable path is an emptyDir at /tmp
+    mounts = {m["mountPath"]: m for m in container(dep)["volumeMounts"]}
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    assert "emptyDir" in volumes[mounts["/tmp"]["name"]]
+    assert mounts["/etc/gateway"]["readOnly"] is True
+    (account,) = find(render(chart), "ServiceAccount")
+    assert account["automountServiceAccountToken"] is False
+
+
+def test_probes_hit_health_endpoints(chart: Any) -> None:
+    gateway = container(deployment(chart))
+    assert gateway["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "http"}
+    assert gateway["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "http"}
+    assert gateway["startupProbe"]["httpGet"]["path"] == "/healthz"
+    assert gateway["ports"][0] == {"name": "http", "containerPort": 8080, "protocol": "TCP"}
+    assert gateway["args"] == ["serve", "--config", "/etc/gateway/gateway.yaml"]
+
+
+def test_container_port_follows_config(chart: Any) -> None:
+    gateway = container(deployment(chart, {"config": {"server": {"port": 9000}}}))
+    assert gateway["ports"][0]["containerPort"] == 9000
+
+
+def test_grace_period_exceeds_prestop_plus_drain(chart: Any) -> None:
+    for drain, pre_stop in [(10, 10), (45, 5), (2.5, 0)]:
+        dep = deployment(
+            chart, {"config": {"server": {"drain_timeout": drain}}, "rollout": {"preStopSeconds": pre_stop}}
+        )
+        grace = dep["spec"]["template"]["spec"]["terminationGracePeriodSeconds"]
+        assert grace > pre_stop + drain
+        lifecycle = container(dep).get("lifecycle")
+        if pre_stop:
+            command = lifecycle["preStop"]["exec"]["command"]
+            assert command == ["python", "-c", f"import time; time.sleep({pre_stop})"]
+        else:
+            assert lifecycle is None
+
+
+def test_prestop_sleep_action(chart: Any) -> None:
+    dep = deployment(chart, {"rollout": {"preStopMode": "sleep", "preStopSeconds": 7}})
+    assert container(dep)["lifecycle"]["preStop"] == {"sleep": {"seconds": 7}}
+
+
+def test_too_short_grace_period_is_refused(chart: Any) -> None:
+    values = {"rollout": {"terminationGracePeriodSeconds": 20, "preStopSeconds": 10}}
+    with pytest.raises(helm.HelmRenderError, match=r"must exceed rollout\.preStopSeconds"):
+        render(chart, values)
+    ok = deployment(chart, {"rollout": {"terminationGracePeriodSeconds": 21, "preStopSeconds": 10}})
+    assert ok["spec"]["template"]["spec"]["terminationGracePeriodSeconds"] == 21
+
+
+def test_rollout_never_drops_below_desired(chart: Any) -> None:
+    spec = deployment(chart)["spec"]
+    assert spec["strategy"]["rollingUpdate"]["maxUnavailable"] == 0
+    assert spec["minReadySeconds"] > 0
+
+
+def test_checksum_annotation_rolls_pods_on_config_change(chart: Any) -> None:
+    def checksums(values: dict[str, Any] | None) -> dict[str, str]:
+        annotations = deployment(chart, values)["spec"]["template"]["metadata"]["annotations"]
+        return {k: v for k, v in annotations.items() if k.startswith("checksum/")}
+
+    base = checksums(None)
+    assert re.fullmatch(r"[0-9a-f]{64}", base["checksum/config"])
+    assert checksums(None) == base
+    changed = checksums({"config": {"logging": {"level": "debug"}}})
+    assert changed["checksum/config"] != base["checksum/config"]
+    assert changed["checksum/secret"] == base["checksum/secret"]
+    rotated = checksums({"secret": {"stratixApiKey": "new-key"}})
+    assert rotated["checksum/secret"] != base["checksum/secret"]
+    assert "checksum/secret" not in checksums({"secret": {"existingSecret": "mine"}})
+
+
+def test_configmap_holds_the_gateway_config(chart: Any) -> None:
+    (configmap,) = find(render(chart), "ConfigMap")
+    config = yaml.safe_load(configmap["data"]["gateway.yaml"])
+    assert config["server"]["host"] == "0.0.0.0"
+    assert config["upstream"]["api_key"] == "${STRATIX_API_KEY}"
+    assert config["auth"]["jwt"]["secret"] == "${GATEWAY_JWT_SECRET}"
+    # every key of the example config/gateway.yaml is in the chart's config
+    example = yaml.safe_load((ROOT / "config" / "gateway.yaml").read_text())
+    chart_config = chart.values["config"]
+
+    def paths(node: Any, prefix: str = "") -> set[str]:
+        if not isinstance(node, dict):
+            return {prefix} if node is not None else set()
+        return {p for k, v in node.items() for p in paths(v, f"{prefix}.{k}" if prefix else k)}
+
+    assert paths(example) - paths(chart_config) == set()
+
+
+@pytest.mark.parametrize("values_file", [None, *CI_VALUES], ids=lambda p: p.stem if p else "default")
+def test_rendered_config_is_accepted_by_the_gateway(chart: Any, values_file: Path | None) -> None:
+    gateway_config = pytest.importorskip("gateway.config", reason="gateway dependencies not installed")
+    values = yaml.safe_load(values_file.read_text()) if values_file else None
+    (configmap,) = [d for d in find(render(chart, values), "ConfigMap") if "gateway.yaml" in d["data"]]
+    env = {
+        "STRATIX_API_KEY": "test-key",
+        "GATEWAY_JWT_SECRET": "x" * 32,
+        "REDIS_URL": "redis://127.0.0.1:6379/0",
+    }
+    config = gateway_config.parse_config(yaml.safe_load(configmap["data"]["gateway.yaml"]), env)
+    assert config.server.host == "0.0.0.0"
+
+
+def test_secrets_reach_the_pod_as_env(chart: Any) -> None:
+    env = {e["name"]: e["valueFrom"]["secretKeyRef"] for e in container(deployment(chart))["env"]}
+    assert env == {
+        "STRATIX_API_KEY": {"name": f"{RELEASE}-stratix-gateway", "key": "stratix-api-key"},
+        "GATEWAY_JWT_SECRET": {"name": f"{RELEASE}-stratix-gateway", "key": "gateway-jwt-secret"},
+    }
+    docs = render(chart, merge(REDIS, {"replicaCount": 3}))
+    (dep,) = find(docs, "Deployment")
+    env = {e["name"]: e["valueFrom"]["secretKeyRef"] for e in container(dep)["env"]}
+    assert env["REDIS_URL"] == {"name": f"{RELEASE}-stratix-gateway", "key": "redis-url"}
+    (secret,) = find(docs, "Secret")
+    assert set(secret["data"]) == {"stratix-api-key", "gateway-jwt-secret", "redis-url"}
+
+
+def test_existing_secret_replaces_the_chart_secret(chart: Any) -> None:
+    values = {"secret": {"existingSecret": "vault-synced", "keys": {"stratixApiKey": "api", "jwtSecret": ""}}}
+    docs = render(chart, values)
+    assert find(docs, "Secret") == []
+    (dep,) = find(docs, "Deployment")
+    env = {e["name"]: e["valueFrom"]["secretKeyRef"] for e in container(dep)["env"]}
+    assert env == {"STRATIX_API_KEY": {"name": "vault-synced", "key": "api"}}
+
+
+@pytest.mark.parametrize(
+    "values",
+    [{"replicaCount": 2}, {"autoscaling": {"enabled": True}}],
+    ids=["replicaCount-2", "hpa"],
+)
+def test_several_replicas_need_the_redis_broker(chart: Any, values: dict[str, Any]) -> None:
+    with pytest.raises(helm.HelmRenderError) as failure:
+        render(chart, values)
+    message = str(failure.value)
+    assert "config.broker.kind: redis" in message
+    assert "own upstream stream" in message
+    assert "one-stream-per-consumer limit" in message
+    docs = render(chart, merge(REDIS, values))
+    assert len(find(docs, "PodDisruptionBudget")) == 1
+
+
+def test_redis_broker_needs_its_url(chart: Any) -> None:
+    with pytest.raises(helm.HelmRenderError, match=r"config\.broker\.url is empty"):
+        render(chart, {"replicaCount": 2, "config": {"broker": {"kind": "redis"}}})
+
+
+def test_no_disruption_budget_for_a_single_replica(chart: Any) -> None:
+    assert find(render(chart), "PodDisruptionBudget") == []
+    assert find(render(chart, merge(REDIS, {"replicaCount": 1})), "PodDisruptionBudget") == []
+
+
+@pytest.mark.parametrize(
+    ("values", "where"),
+    [
+        ({"replicaCount": 0}, "/replicaCount"),
+        ({"replicaCount": "two"}, "/replicaCount"),
+        ({"replicas": 2}, "replicas"),
+        ({"image": {"repository": ""}}, "/image/repository"),
+        ({"config": {"server": {"host": "127.0.0.1"}}}, "/config/server/host"),
+        ({"config": {"server": {"drain_timeout": 0}}}, "/config/server/drain_timeout"),
+        ({"config": {"broker": {"kind": "kafka"}}}, "/config/broker/kind"),
+        ({"secret": {"jwtSecret": "too-short"}}, "/secret/jwtSecret"),
+        ({"secret": {"redisUrl": "http://redis"}}, "/secret/redisUrl"),
+        ({"rollout": {"preStopMode": "shell"}}, "/rollout/preStopMode"),
+        ({"ingress": {"hosts": [{"host": "a.example", "paths": [{"path": "no-slash"}]}]}}, "path"),
+    ],
+)
+def test_schema_rejects_bad_values(chart: Any, values: dict[str, Any], where: str) -> None:
+    with pytest.raises(helm.HelmValuesError, match=re.escape(where)):
+        render(chart, values)
+
+
+def test_separate_metrics_port_must_listen_publicly(chart: Any) -> None:
+    with pytest.raises(helm.HelmRenderError, match=r"config\.metrics\.host"):
+        render(chart, {"config": {"metrics": {"port": 9090}}})
+    values = {"config": {"metrics": {"port": 9090, "host": "0.0.0.0"}}, "serviceMonitor": {"enabled": True}}
+    docs = render(chart, values)
+    (service,) = find(docs, "Service")
+    assert {p["name"] for p in service["spec"]["ports"]} == {"http", "metrics"}
+    (monitor,) = find(docs, "ServiceMonitor")
+    assert monitor["spec"]["endpoints"][0]["port"] == "metrics"
+
+
+def test_ingress_is_stream_friendly_on_nginx(chart: Any) -> None:
+    override = {"nginx.ingress.kubernetes.io/proxy-send-timeout": "90"}
+    values = {"ingress": {"enabled": True, "annotations": override}}
+    (ingress,) = find(render(chart, values), "Ingress")
+    annotations = ingress["metadata"]["annotations"]
+    assert annotations["nginx.ingress.kubernetes.io/proxy-buffering"] == "off"
+    assert annotations["nginx.ingress.kubernetes.io/proxy-request-buffering"] == "off"
+    assert annotations["nginx.ingress.kubernetes.io/proxy-read-timeout"] == "3600"
+    assert annotations["nginx.ingress.kubernetes.io/proxy-send-timeout"] == "90"  # user wins
+    assert ingress["spec"]["ingressClassName"] == "nginx"
+
+
+def test_helm_test_pod_checks_readyz(chart: Any) -> None:
+    (pod,) = find(render(chart), "Pod")
+    assert pod["metadata"]["annotations"]["helm.sh/hook"] == "test"
+    script = pod["spec"]["containers"][0]["command"][-1]
+    assert f"http://{RELEASE}-stratix-gateway:80/readyz" in script
+    assert pod["spec"]["containers"][0]["securityContext"]["readOnlyRootFilesystem"] is True
+
+
+def test_alerts_and_dashboard_use_exported_metrics(chart: Any) -> None:
+    values = {"prometheusRule": {"enabled": True}, "grafanaDashboard": {"enabled": True}}
+    docs = render(chart, values)
+    (rule,) = find(docs, "PrometheusRule")
+    alerts = {r["alert"]: r["expr"] for g in rule["spec"]["groups"] for r in g["rules"]}
+    assert {
+        "StratixGatewayUpstreamReconnectStorm",
+        "StratixGatewayUpstreamSilent",
+        "StratixGatewaySlowConsumerDisconnects",
+        "StratixGatewayAuthFailureSpike",
+    } <= set(alerts)
+    (dashboard_map,) = [d for d in find(docs, "ConfigMap") if d["metadata"]["name"].endswith("-dashboard")]
+    dashboard = json.loads(dashboard_map["data"]["stratix-gateway.json"])
+    exprs = [*alerts.values(), *(t["expr"] for p in dashboard["panels"] for t in p["targets"])]
+    used = {re.sub(r"_(bucket|sum|count)$", "", m) for e in exprs for m in re.findall(r"\bgateway_\w+", e)}
+    assert used and used <= METRICS
+
+
+@pytest.mark.parametrize("values_file", CI_VALUES, ids=lambda p: p.stem)
+def test_ci_values_lint_and_render(chart: Any, values_file: Path) -> None:
+    values = yaml.safe_load(values_file.read_text())
+    report = helm.lint(CHART, values, strict=True)
+    assert report["errors"] == []
+    assert [m for m in report["messages"] if m["severity"] >= 2] == []
+    assert find(render(chart, values), "Deployment")
