@@ -62,6 +62,7 @@ class TestSpecExamples:
     def test_incomplete_final_block_dispatches_once_completed(self) -> None:
         decoder = SSEDecoder()
         list(decoder.feed(SPEC_STREAMS["empty data fields"]))
+        assert list(decoder.feed(b"\n")) == []  # ends the "data:" line
         assert list(decoder.feed(b"\n")) == [SSEEvent(data="")]
 
     def test_space_after_colon_is_optional(self) -> None:
