@@ -13,6 +13,7 @@ import contextlib
 import logging
 import re
 import time
+from http import HTTPStatus
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -20,6 +21,7 @@ import httpx
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
@@ -67,7 +69,8 @@ class GatewayApp:
         self.started = False
         self.draining = False
         self._background: list[asyncio.Task[None]] = []
-        self.router = Starlette(routes=self._routes(), lifespan=self._lifespan)
+        self.router = Starlette(routes=self._routes(), lifespan=self._lifespan,
+                                exception_handlers={HTTPException: _http_error, Exception: _server_error})
 
     def _routes(self) -> list[Any]:
         routes: list[Any] = [
@@ -171,6 +174,19 @@ class GatewayApp:
         if result.retry_after is not None:
             extra.append((b"retry-after", str(max(1, round(result.retry_after))).encode()))
         return Response(result.body, status_code=result.status, headers=_str_headers(extra + cors))
+
+
+async def _http_error(request: Request, exc: Exception) -> Response:
+    """Framework errors (404, 405) in the gateway's JSON error shape."""
+    status = exc.status_code if isinstance(exc, HTTPException) else 500
+    code = {404: "not_found", 405: "method_not_allowed"}.get(status, "bad_request")
+    error = GatewayError(HTTPStatus(status).phrase.lower(), status=status, code=code)
+    return Response(error.body(), status_code=status, headers=_str_headers(error.headers()))
+
+
+async def _server_error(request: Request, exc: Exception) -> Response:
+    error = GatewayError("internal error", status=500, code="internal_error")
+    return Response(error.body(), status_code=500, headers=_str_headers(error.headers()))
 
 
 def _str_headers(headers: list[tuple[bytes, bytes]]) -> dict[str, str]:

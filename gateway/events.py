@@ -31,7 +31,7 @@ class Event:
     __slots__ = ("_ws", "data", "id", "received_at", "sse", "stream", "type", "ws_extra")
 
     def __init__(self, stream: str, id: str, type: str, data: str, received_at: float,
-                 ws_extra: str = "") -> None:
+                 ws_extra: str = "", ws: str | None = None) -> None:
         self.stream = stream
         self.id = id
         self.type = type
@@ -39,7 +39,8 @@ class Event:
         self.received_at = received_at
         self.ws_extra = ws_extra
         self.sse = encode_event(data, event=type, id=id)
-        self._ws: str | None = None
+        #: A feed that already holds the exact WebSocket message (job events) passes it in.
+        self._ws: str | None = ws
 
     @property
     def terminal(self) -> bool:

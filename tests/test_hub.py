@@ -1,0 +1,453 @@
+"""The hub's fan-out logic against an in-memory broker: batching, shared bytes, bounds, resume, lifecycle."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from gateway.closes import SHUTTING_DOWN, SLOW_CONSUMER, UPSTREAM_FAILED
+from gateway.config import LimitsConfig
+from gateway.events import Event
+from gateway.hub import MAX_EVENTS_PER_WRITE, Hub, StreamUnavailable, Subscription, Topic
+from gateway.metrics import Metrics
+from tests.servers import wait_for
+
+KEY = "evaluations/e-1"
+
+
+class FakeBroker:
+    """Records what the hub asks of its feeds."""
+
+    def __init__(self) -> None:
+        self.attached: list[Topic] = []
+        self.detached: list[Topic] = []
+
+    def attach(self, topic: Topic) -> None:
+        self.attached.append(topic)
+
+    async def detach(self, topic: Topic) -> None:
+        self.detached.append(topic)
+
+
+class FakeClock:
+    def __init__(self, now: float = 1000.0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def event(event_id: str | int, type: str = "update", data: str | None = None, stream: str = KEY) -> Event:
+    return Event(stream, str(event_id), type, data if data is not None else f'{{"n":"{event_id}"}}', 0.0)
+
+
+def publish(topic: Topic, *ids: str | int) -> list[Event]:
+    events = [event(i) for i in ids]
+    for e in events:
+        topic.publish(e)
+    return events
+
+
+def ids(taken: tuple[bytes, list[Event]] | None) -> list[str]:
+    assert taken is not None
+    return [e.id for e in taken[1]]
+
+
+def make_hub(**limits: Any) -> tuple[Hub, FakeBroker, Metrics, FakeClock]:
+    broker, metrics, clock = FakeBroker(), Metrics(), FakeClock()
+    return Hub(LimitsConfig(**limits), broker, metrics, clock), broker, metrics, clock
+
+
+def woken(sub: Subscription) -> list[int]:
+    calls: list[int] = []
+    sub.wake = lambda: calls.append(1)
+    return calls
+
+
+def sample(metrics: Metrics, name: str, **labels: str) -> float:
+    return metrics.registry.get_sample_value(name, labels) or 0.0
+
+
+class TestTake:
+    def test_one_take_returns_every_pending_frame_joined(self) -> None:
+        topic = Topic(KEY, capacity=100)
+        sub = Subscription(topic, topic.position(None)[0], 0.0)
+        events = publish(topic, 1, 2, 3)
+        taken = sub.take()
+        assert taken is not None
+        chunk, got = taken
+        assert chunk == b"".join(e.sse for e in events)
+        assert got == events
+        assert sub.cursor == 3 and sub.drained
+        assert sub.take() is None
+
+    def test_take_returns_only_what_is_new(self) -> None:
+        topic = Topic(KEY, capacity=100)
+        sub = Subscription(topic, 0, 0.0)
+        publish(topic, 1, 2)
+        assert ids(sub.take()) == ["1", "2"]
+        publish(topic, 3)
+        assert not sub.drained
+        assert ids(sub.take()) == ["3"]
+        assert sub.last_id() == "3"
+
+    def test_nothing_published_means_nothing_to_take(self) -> None:
+        topic = Topic(KEY, capacity=100)
+        sub = Subscription(topic, 0, 0.0)
+        assert sub.take() is None
+        assert sub.last_id() is None
+
+    def test_subscribers_at_the_same_cursor_share_the_same_bytes(self) -> None:
+        topic = Topic(KEY, capacity=100)
+        first, second = Subscription(topic, 0, 0.0), Subscription(topic, 0, 0.0)
+        publish(topic, 1, 2)
+        a, b = first.take(), second.take()
+        assert a is not None and b is not None
+        assert a[0] is b[0]
+
+    def test_shared_bytes_are_rebuilt_after_a_publish(self) -> None:
+        topic = Topic(KEY, capacity=100)
+        first, second = Subscription(topic, 0, 0.0), Subscription(topic, 0, 0.0)
+        publish(topic, 1)
+        before = first.take()
+        publish(topic, 2)
+        after = second.take()
+        assert before is not None and after is not None
+        assert ids(after) == ["1", "2"]
+        assert after[0] == before[0] + event(2).sse
+
+    def test_subscribers_at_different_cursors_get_their_own_slice(self) -> None:
+        topic = Topic(KEY, capacity=100)
+        events = publish(topic, 1, 2, 3)
+        late = Subscription(topic, 2, 0.0)
+        early = Subscription(topic, 0, 0.0)
+        assert late.take() == (events[2].sse, events[2:])
+        assert ids(early.take()) == ["1", "2", "3"]
+
+    def test_one_write_carries_at_most_max_events(self) -> None:
+        topic = Topic(KEY, capacity=2 * MAX_EVENTS_PER_WRITE)
+        sub = Subscription(topic, 0, 0.0)
+        publish(topic, *range(MAX_EVENTS_PER_WRITE + 10))
+        assert len(ids(sub.take())) == MAX_EVENTS_PER_WRITE
+        assert len(ids(sub.take())) == 10
+
+    def test_one_write_is_bounded_in_bytes_but_always_carries_one_event(self) -> None:
+        topic = Topic(KEY, capacity=100, chunk_bytes=1024)
+        sub = Subscription(topic, 0, 0.0)
+        big = [event(i, data="x" * 600) for i in range(3)]
+        huge = event(3, data="y" * 5000)
+        for e in [*big, huge]:
+            topic.publish(e)
+        taken = [sub.take() for _ in range(4)]
+        assert [ids(t) for t in taken] == [["0"], ["1"], ["2"], ["3"]]
+        assert all(len(t[0]) <= 1024 for t in taken[:3] if t is not None)
+        assert sub.take() is None
+
+
+class TestReplayBuffer:
+    def test_log_is_trimmed_to_capacity_with_slack(self) -> None:
+        topic = Topic(KEY, capacity=4)
+        publish(topic, 1, 2, 3, 4, 5)
+        assert (topic.base, len(topic.events)) == (0, 5)  # within capacity + capacity // 4
+        publish(topic, 6)
+        assert topic.base == 2
+        assert [e.id for e in topic.events] == ["3", "4", "5", "6"]
+        assert not topic.has_id("1") and topic.has_id("3")
+        assert not topic.from_origin
+
+    def test_lagging_subscriber_is_closed_as_slow_consumer(self) -> None:
+        topic = Topic(KEY, capacity=4)
+        lagging = Subscription(topic, 0, 0.0)
+        calls = woken(lagging)
+        publish(topic, 1, 2, 3, 4, 5, 6)
+        assert lagging.take() is None
+        assert lagging.closed and lagging.close_reason is SLOW_CONSUMER
+        assert lagging.close_reason.reconnect
+        assert calls
+
+    def test_subscriber_within_the_log_is_not_closed(self) -> None:
+        topic = Topic(KEY, capacity=4)
+        keeping_up = Subscription(topic, 0, 0.0)
+        publish(topic, 1, 2)
+        assert ids(keeping_up.take()) == ["1", "2"]
+        publish(topic, 3, 4, 5, 6)
+        assert ids(keeping_up.take()) == ["3", "4", "5", "6"]
+        assert not keeping_up.closed
+
+    async def test_hub_applies_replay_buffer(self) -> None:
+        hub, _, _, _ = make_hub(replay_buffer=4)
+        lagging = hub.subscribe(KEY)
+        publish(hub.topics[KEY], *range(1, 7))
+        assert lagging.take() is None
+        assert lagging.close_reason is SLOW_CONSUMER
+
+
+class TestResume:
+    def test_no_id_starts_at_the_oldest_event(self) -> None:
+        topic = Topic(KEY, capacity=100)
+        publish(topic, 1, 2)
+        assert topic.position(None) == (0, None, False)
+
+    async def test_known_id_resumes_right_after_it(self) -> None:
+        hub, _, metrics, _ = make_hub()
+        publish(hub.subscribe(KEY).topic, 1, 2, 3, 4)
+        sub = hub.subscribe(KEY, after_id="2")
+        assert (sub.continuity_lost, sub.pending) == (None, False)
+        assert ids(sub.take()) == ["3", "4"]
+        assert sample(metrics, "gateway_replay_requests_total", outcome="hit") == 1
+
+    async def test_resume_after_the_newest_event_waits_for_the_next(self) -> None:
+        hub, _, _, _ = make_hub()
+        topic = hub.subscribe(KEY).topic
+        publish(topic, 1, 2)
+        sub = hub.subscribe(KEY, after_id="2")
+        assert sub.take() is None and sub.drained
+        publish(topic, 3)
+        assert ids(sub.take()) == ["3"]
+
+    async def test_unknown_id_from_origin_is_pending_until_published(self) -> None:
+        hub, _, metrics, _ = make_hub()
+        topic = hub.subscribe(KEY).topic
+        publish(topic, "a", "b")
+        sub = hub.subscribe(KEY, after_id="d")
+        calls = woken(sub)
+        assert sub.pending and sub in topic.pending
+        assert sub.take() is None and not sub.drained
+        publish(topic, "c")
+        assert sub.pending and sub.take() is None
+        publish(topic, "d")
+        assert not sub.pending and sub.continuity_lost is None
+        assert sub.take() is None  # nothing after "d" yet
+        publish(topic, "e", "f")
+        assert ids(sub.take()) == ["e", "f"]
+        assert calls
+        assert sample(metrics, "gateway_replay_requests_total", outcome="pending") == 1
+
+    async def test_pending_numeric_id_passed_loses_continuity(self) -> None:
+        hub, _, _, _ = make_hub()
+        topic = hub.subscribe(KEY).topic
+        publish(topic, 1, 2)
+        sub = hub.subscribe(KEY, after_id="5")
+        assert sub.pending
+        publish(topic, 3, 4)
+        assert sub.pending
+        publish(topic, 7)  # 5 was skipped: the stream went past it
+        assert not sub.pending and sub.continuity_lost == "unknown"
+        assert ids(sub.take()) == ["1", "2", "3", "4", "7"]
+
+    async def test_pending_numeric_id_is_compared_as_a_number(self) -> None:
+        hub, _, _, _ = make_hub()
+        topic = hub.subscribe(KEY).topic
+        sub = hub.subscribe(KEY, after_id="10")
+        publish(topic, 9)  # "9" > "10" as text, not as a number
+        assert sub.pending
+        publish(topic, 10)
+        assert not sub.pending and sub.continuity_lost is None
+
+    async def test_trimmed_numeric_id_is_reported_as_trimmed(self) -> None:
+        hub, _, metrics, _ = make_hub(replay_buffer=4)
+        topic = hub.subscribe(KEY).topic
+        publish(topic, *range(1, 7))
+        sub = hub.subscribe(KEY, after_id="1")
+        assert (sub.continuity_lost, sub.pending) == ("trimmed", False)
+        assert ids(sub.take()) == ["3", "4", "5", "6"]
+        assert sample(metrics, "gateway_replay_requests_total", outcome="continuity_lost") == 1
+
+    def test_unknown_ids_once_the_origin_is_gone(self) -> None:
+        topic = Topic(KEY, capacity=4)
+        publish(topic, *range(1, 7))
+        assert topic.position("9") == (2, "unknown", False)  # newer than anything kept, but not pending
+        assert topic.position("abc") == (2, "unknown", False)
+        assert topic.position("3") == (3, None, False)
+
+    def test_unknown_id_on_an_ended_topic_is_not_pending(self) -> None:
+        topic = Topic(KEY, capacity=100)
+        publish(topic, 1)
+        topic.publish(event(2, type="final"))
+        assert topic.position("x") == (0, "unknown", False)
+
+    async def test_unsubscribing_a_pending_subscriber_forgets_it(self) -> None:
+        hub, _, _, _ = make_hub(linger=60)
+        keep = hub.subscribe(KEY)
+        sub = hub.subscribe(KEY, after_id="x")
+        hub.unsubscribe(sub)
+        assert sub not in keep.topic.pending and sub.closed
+
+
+class TestEnd:
+    async def test_terminal_event_ends_the_topic(self) -> None:
+        hub, _, _, _ = make_hub()
+        sub = hub.subscribe(KEY)
+        topic = sub.topic
+        ended: list[Topic] = []
+        topic.on_ended = ended.append
+        publish(topic, 1)
+        topic.publish(event(2, type="final"))
+        assert topic.ended and ended == [topic]
+        publish(topic, 3)  # ignored: nothing comes after the end
+        assert ids(sub.take()) == ["1", "2"]
+        assert topic.end_reason is None
+
+    @pytest.mark.parametrize("kind", ["final", "error", "job_complete", "job_failed", "job_cancelled"])
+    def test_every_terminal_event_type(self, kind: str) -> None:
+        topic = Topic(KEY, capacity=10)
+        topic.publish(event(1, type=kind))
+        assert topic.ended
+
+    def test_non_terminal_event_does_not_end(self) -> None:
+        topic = Topic(KEY, capacity=10)
+        topic.publish(event(1, type="progress"))
+        assert not topic.ended
+
+    async def test_end_resolves_pending_subscribers_with_continuity_lost(self) -> None:
+        hub, _, _, _ = make_hub()
+        live = hub.subscribe(KEY)
+        topic = live.topic
+        publish(topic, 1, 2)
+        pending = hub.subscribe(KEY, after_id="zzz")
+        calls = woken(live)
+        topic.end(UPSTREAM_FAILED, "upstream answered 404")
+        assert topic.ended
+        assert (topic.end_reason, topic.end_detail) == (UPSTREAM_FAILED, "upstream answered 404")
+        assert not pending.pending and pending.continuity_lost == "unknown"
+        assert topic.pending == []
+        assert ids(pending.take()) == ["1", "2"]
+        assert calls
+
+    def test_first_end_reason_wins(self) -> None:
+        topic = Topic(KEY, capacity=10)
+        topic.end(UPSTREAM_FAILED, "first")
+        topic.end(SHUTTING_DOWN, "second")
+        topic.end()
+        assert (topic.end_reason, topic.end_detail) == (UPSTREAM_FAILED, "first")
+
+
+class TestHubTopics:
+    async def test_one_topic_and_one_attach_per_key(self) -> None:
+        hub, broker, metrics, _ = make_hub()
+        subs = [hub.subscribe(KEY, consumer=f"user-{i}") for i in range(5)]
+        assert len(hub.topics) == 1
+        assert broker.attached == [hub.topics[KEY]]
+        assert all(s.topic is hub.topics[KEY] for s in subs)
+        assert hub.topics[KEY].subscribers == set(subs)
+        hub.subscribe("optimizations/job-1")
+        assert [t.key for t in broker.attached] == [KEY, "optimizations/job-1"]
+        assert sample(metrics, "gateway_upstream_streams", kind="evaluations") == 1
+        assert sample(metrics, "gateway_upstream_streams", kind="optimizations") == 1
+
+    async def test_topic_names_kind_and_id(self) -> None:
+        hub, _, _, _ = make_hub()
+        topic = hub.subscribe("trace-evaluations/t-9").topic
+        assert (topic.kind, topic.resource_id) == ("trace-evaluations", "t-9")
+
+    async def test_stream_cap(self) -> None:
+        hub, broker, _, _ = make_hub(max_streams=1)
+        hub.subscribe(KEY)
+        hub.subscribe(KEY)  # joining an open stream is always fine
+        with pytest.raises(StreamUnavailable):
+            hub.subscribe("evaluations/e-2")
+        assert len(broker.attached) == 1
+
+    async def test_wake_callbacks_run_on_publish(self) -> None:
+        hub, _, _, _ = make_hub()
+        first, second = hub.subscribe(KEY), hub.subscribe(KEY)
+        other = hub.subscribe("evaluations/e-2")
+        calls = [woken(first), woken(second), woken(other)]
+        publish(hub.topics[KEY], 1, 2)
+        assert [len(c) for c in calls] == [2, 2, 0]
+
+    async def test_publish_and_subscription_clock(self) -> None:
+        hub, _, _, clock = make_hub()
+        sub = hub.subscribe(KEY)
+        assert sub.last_delivery == clock.now
+        clock.now += 5
+        publish(sub.topic, 1)
+        assert sub.topic.last_event_at == clock.now
+
+    async def test_close_all(self) -> None:
+        hub, _, _, _ = make_hub()
+        subs = [hub.subscribe(KEY), hub.subscribe(KEY), hub.subscribe("optimizations/job-1")]
+        calls = [woken(s) for s in subs]
+        assert hub.close_all() == 3
+        assert all(s.closed and s.close_reason is SHUTTING_DOWN for s in subs)
+        assert all(calls)
+        with pytest.raises(StreamUnavailable):
+            hub.subscribe("evaluations/new")
+
+    def test_close_keeps_the_first_reason(self) -> None:
+        sub = Subscription(Topic(KEY, capacity=10), 0, 0.0)
+        sub.close(SLOW_CONSUMER)
+        sub.close(SHUTTING_DOWN)
+        assert sub.close_reason is SLOW_CONSUMER
+
+    async def test_tick_wakes_everyone(self) -> None:
+        hub, _, _, _ = make_hub()
+        calls = [woken(hub.subscribe(KEY)), woken(hub.subscribe("evaluations/e-2"))]
+        hub.tick()
+        assert [len(c) for c in calls] == [1, 1]
+
+    async def test_sweep_aborts_subscribers_stuck_in_a_write(self) -> None:
+        hub, _, _, clock = make_hub(send_timeout=30)
+        stuck, sending, idle = hub.subscribe(KEY), hub.subscribe(KEY), hub.subscribe(KEY)
+        aborted: list[Subscription] = []
+        for sub in (stuck, sending, idle):
+            sub.abort = lambda sub=sub: aborted.append(sub)
+        stuck.sending_since = clock.now
+        clock.now += 20
+        sending.sending_since = clock.now
+        clock.now += 11
+        hub.sweep()
+        assert aborted == [stuck]
+        assert stuck.close_reason is SLOW_CONSUMER
+        assert not sending.closed and not idle.closed
+
+
+class TestLinger:
+    async def test_last_unsubscribe_detaches_after_linger(self) -> None:
+        hub, broker, metrics, _ = make_hub(linger=0.01)
+        first, second = hub.subscribe(KEY), hub.subscribe(KEY)
+        topic = first.topic
+        hub.unsubscribe(first)
+        assert topic.linger_handle is None  # someone is still watching
+        hub.unsubscribe(second)
+        assert topic.linger_handle is not None
+        await wait_for(lambda: broker.detached == [topic], timeout=2, message="detach")
+        assert KEY not in hub.topics
+        assert sample(metrics, "gateway_upstream_streams", kind="evaluations") == 0
+
+    async def test_resubscribing_within_linger_keeps_the_topic(self) -> None:
+        hub, broker, _, _ = make_hub(linger=60)
+        sub = hub.subscribe(KEY)
+        topic = sub.topic
+        hub.unsubscribe(sub)
+        handle = topic.linger_handle
+        assert handle is not None
+        again = hub.subscribe(KEY)
+        assert again.topic is topic and topic.linger_handle is None
+        assert handle.cancelled()
+        assert broker.attached == [topic]
+
+    async def test_new_topic_after_detach(self) -> None:
+        hub, broker, _, _ = make_hub(linger=0.01)
+        hub.unsubscribe(hub.subscribe(KEY))
+        await wait_for(lambda: len(broker.detached) == 1, timeout=2, message="detach")
+        fresh = hub.subscribe(KEY).topic
+        assert fresh is not broker.detached[0]
+        assert broker.attached == [broker.detached[0], fresh]
+
+    async def test_ended_topic_is_kept_for_history_ttl_not_linger(self) -> None:
+        hub, broker, _, _ = make_hub(linger=60, history_ttl=0.01)
+        sub = hub.subscribe(KEY)
+        sub.topic.publish(event(1, type="final"))
+        hub.unsubscribe(sub)
+        await wait_for(lambda: broker.detached == [sub.topic], timeout=2, message="detach")
+
+    async def test_aclose_detaches_every_topic(self) -> None:
+        hub, broker, _, _ = make_hub(linger=60)
+        hub.subscribe(KEY)
+        lingering = hub.subscribe("evaluations/e-2")
+        hub.unsubscribe(lingering)
+        await hub.aclose()
+        assert {t.key for t in broker.detached} == {KEY, "evaluations/e-2"}
+        assert hub.topics == {}
