@@ -13,8 +13,8 @@ import contextlib
 import logging
 import re
 import time
-from http import HTTPStatus
 from collections.abc import AsyncIterator, Callable
+from http import HTTPStatus
 from typing import Any
 
 import httpx

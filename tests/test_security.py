@@ -277,7 +277,7 @@ async def test_authorization_webhook_allows_denies_caches_and_fails_closed(sim: 
         assert len(hook.calls) == 2
         hook.fail = True
         status, body = await status_of(stream_url(gateway, "evaluations/e2-ok"), bearer(token))
-        assert status == 403
+        assert status == 403 and body["error"]["code"] == "forbidden"
     # Webhook down entirely: still closed.
     status, _ = await status_of(stream_url(gateway, "evaluations/e3-ok"), bearer(token))
     assert status == 403
@@ -448,6 +448,7 @@ async def test_connection_caps(sim: Sim, gateway_factory: Any) -> None:
 async def test_invalid_ids_are_refused_before_upstream(sim: Sim, gateway: Gateway, bad: str) -> None:
     status, body = await status_of(f"{gateway.url}/api/v1/evaluations/{bad}/stream", gateway.headers())
     assert status in (400, 404)
+    assert body["error"]["code"] in ("invalid_id", "not_found")
     stats = await sim.stats()
     assert not any(key.startswith("evaluations/") and value.get("connects") for key, value in stats.items()
                    if isinstance(value, dict))
