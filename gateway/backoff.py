@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import random
 from collections.abc import Callable
 
@@ -37,6 +38,6 @@ def parse_retry_after(value: str | None, cap: float = 3600.0) -> float | None:
         seconds = float(value.strip())
     except ValueError:
         return None
-    if seconds < 0:
+    if math.isnan(seconds) or seconds < 0:
         return None
     return min(seconds, cap)

@@ -188,21 +188,24 @@ def cmd_demo(args: argparse.Namespace) -> int:
         config = demo_config(sim_url, api_key, secret, args.port)
         app = _build_app(config)
         gateway_server = srv.make_server(app, "127.0.0.1", args.port, drain_timeout=3)
-        token = mint_token(secret, "HS256", "demo-user", args.ttl, {"streams": ["*/*"]})
+        tokens = [mint_token(secret, "HS256", user, args.ttl, {"streams": ["*/*"]}) for user in ("alice", "bob")]
 
         def announce() -> None:
             base = f"http://127.0.0.1:{srv.bound_port(gateway_server)}"
-            auth = shlex.quote(f"Authorization: Bearer {token}")
+            url = f"{base}/api/v1/evaluations/eval-demo-1/stream"
+            curls = "\n".join(f"  curl -N -H {shlex.quote(f'Authorization: Bearer {t}')} {url}" for t in tokens)
             print(f"""
 Stratix gateway demo
-  simulator (upstream, holds the API key): {sim_url}
-  gateway (what browsers talk to):          {base}
+  simulator (the upstream; only it and the gateway know the API key): {sim_url}
+  gateway (what browsers talk to):                                   {base}
 
-Dev session token (valid {int(args.ttl)} s):
-  {token}
+Dev session tokens (users alice and bob, valid {int(args.ttl)} s):
+  alice: {tokens[0]}
+  bob:   {tokens[1]}
 
-Stream a live evaluation (run it in two terminals: still one upstream stream):
-  curl -N -H {auth} {base}/api/v1/evaluations/eval-demo-1/stream
+Stream a live evaluation as two users at once (two terminals); the upstream still sees one stream:
+{curls}
+(A second stream by the same user replaces the first, as the upstream's one-stream-per-consumer rule does.)
 
 Upstream connections the simulator has seen:
   curl -s {sim_url}/_sim/stats

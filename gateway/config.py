@@ -239,8 +239,9 @@ def _read_files(data: dict[str, Any], problems: list[str]) -> None:
         section: Any = data
         for part in section_path.split("."):
             section = section.get(part) if isinstance(section, dict) else None
-        if not isinstance(section, dict) or not section.get(f"{key}_file"):
-            continue
+        if not isinstance(section, dict) or not isinstance(section.get(f"{key}_file"), str) \
+                or not section[f"{key}_file"]:
+            continue  # absent, or not a path: pydantic reports the type problem
         file_key = f"{section_path}.{key}_file"
         if section.get(key):
             problems.append(f"{file_key}: set either {key} or {key}_file, not both")
@@ -271,6 +272,11 @@ def parse_config(data: Any, env: Mapping[str, str] | None = None) -> GatewayConf
     problems: list[str] = []
     expanded = _expand(data, "", env, problems)
     _read_files(expanded, problems)
+    # A missing auth.jwt is validated as an empty section: its default cannot be built without a
+    # secret, and a failing default would abort validation with just that one problem.
+    auth = expanded.setdefault("auth", {})
+    if isinstance(auth, dict):
+        auth.setdefault("jwt", {})
     try:
         config = GatewayConfig.model_validate(expanded)
     except ValidationError as exc:

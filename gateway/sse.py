@@ -76,6 +76,8 @@ class SSEDecoder:
 
     def feed(self, chunk: bytes) -> Iterator[SSEEvent]:
         """Consume bytes and yield every event they complete."""
+        if not chunk:
+            return  # an empty read must not forget a CR that may be half of a CRLF
         if self._pending_cr and chunk.startswith(b"\n"):
             chunk = chunk[1:]
         self._pending_cr = False
@@ -89,9 +91,12 @@ class SSEDecoder:
             self._bom_checked = True
         start = 0
         length = len(buffer)
+        cr = lf = -2  # next CR / LF at or after `start`; -1 once none is left in the buffer
         while start < length:
-            cr = buffer.find(b"\r", start)
-            lf = buffer.find(b"\n", start)
+            if -1 != cr < start:
+                cr = buffer.find(b"\r", start)
+            if -1 != lf < start:
+                lf = buffer.find(b"\n", start)
             if cr == -1 and lf == -1:
                 break
             if cr != -1 and (lf == -1 or cr < lf):

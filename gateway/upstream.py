@@ -25,6 +25,7 @@ from gateway.events import Event
 from gateway.hub import Topic
 from gateway.metrics import Metrics
 from gateway.sse import SSEDecoder
+from gateway.upstream_ws import OptimizationMux
 
 log = logging.getLogger("gateway.upstream")
 
@@ -124,7 +125,7 @@ class SSEFeed:
         async for chunk in response.aiter_bytes():
             for sse in decoder.feed(chunk):
                 if decoder.retry is not None:
-                    self.retry_hint = decoder.retry / 1000.0
+                    self.retry_hint = min(decoder.retry / 1000.0, self.config.backoff_max * 4)
                 seen += 1
                 if seen <= skip:
                     continue
@@ -143,7 +144,7 @@ class SSEFeed:
                 if topic.ended:
                     return published
         if decoder.retry is not None:
-            self.retry_hint = decoder.retry / 1000.0
+            self.retry_hint = min(decoder.retry / 1000.0, self.config.backoff_max * 4)
         return published
 
 
@@ -176,8 +177,13 @@ class UpstreamPool:
             follow_redirects=False,
         )
         self._tasks: dict[str, asyncio.Task[None]] = {}
+        #: Optimization jobs share one upstream WebSocket instead of a feed each.
+        self.mux = OptimizationMux(config, metrics, clock)
 
     def attach(self, topic: Topic) -> None:
+        if topic.kind == "optimizations":
+            self.mux.attach(topic)
+            return
         task = asyncio.get_running_loop().create_task(self._run(topic), name=f"feed {topic.kind}")
         self._tasks[topic.key] = task
 
@@ -195,12 +201,16 @@ class UpstreamPool:
                 del self._tasks[topic.key]
 
     async def detach(self, topic: Topic) -> None:
+        if topic.kind == "optimizations":
+            await self.mux.detach(topic)
+            return
         task = self._tasks.pop(topic.key, None)
         if task is not None and not task.done():
             task.cancel()
             await asyncio.gather(task, return_exceptions=True)
 
     async def aclose(self) -> None:
+        await self.mux.aclose()
         tasks = list(self._tasks.values())
         for task in tasks:
             task.cancel()

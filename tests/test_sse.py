@@ -100,7 +100,6 @@ class TestLineEndings:
         # "\r\r\n": CR ends the data line, then CRLF is the blank line.
         assert decode(b"data: a\r\r\n") == [SSEEvent(data="a")]
 
-    @pytest.mark.xfail(strict=True, reason="bug: an empty feed() between CR and LF forgets the pending CR")
     def test_empty_chunk_between_cr_and_lf(self) -> None:
         assert decode(b"data: a\r", b"", b"\ndata: b\n\n") == [SSEEvent(data="a\nb")]
 
