@@ -31,14 +31,20 @@ from gateway.auth import Authenticator
 from gateway.authz import Authorizer
 from gateway.closes import SHUTTING_DOWN
 from gateway.config import GatewayConfig
+from gateway.dashboard import Dashboard
 from gateway.errors import GatewayError, respond
+from gateway.health import UpstreamHealth
 from gateway.hub import Broker, Hub
 from gateway.limits import ConnectionLimiter, ExclusiveStreams
-from gateway.metrics import Metrics
+from gateway.listing import LISTABLE, Listings
+from gateway.logs import RequestIdMiddleware
+from gateway.metrics import Metrics, MetricsApp
 from gateway.polling import Poller
+from gateway.redis_broker import RedisBroker, RedisClient, RedisDecisionCache, RedisExclusive, RedisPollCache
 from gateway.sse_stream import SSEStreams
 from gateway.types import Receive, Scope, Send
 from gateway.upstream import UpstreamPool
+from gateway.ws_stream import WebSocketStreams
 
 log = logging.getLogger("gateway.app")
 
@@ -56,30 +62,52 @@ class GatewayApp:
         self.metrics = Metrics(registry)
         self.http = http_client or httpx.AsyncClient(
             limits=httpx.Limits(max_connections=None, max_keepalive_connections=32))
-        self.pool = UpstreamPool(config.upstream, self.metrics, clock, self.http)
-        self.hub = Hub(config.limits, broker or self.pool, self.metrics, clock)
+        self.health = UpstreamHealth(clock)
+        self.pool = UpstreamPool(config.upstream, self.metrics, clock, self.http, health=self.health)
+        #: Set in shared mode (`broker.kind: redis`): leases, shared history and caches.
+        self.redis: RedisClient | None = None
+        if broker is None and config.broker.kind == "redis":
+            self.redis = RedisClient(config.broker, self.metrics, clock)
+            broker = RedisBroker(config.broker, config.limits, self.pool, self.metrics, self.redis, clock)
+        self.broker: Broker = broker or self.pool
+        self.hub = Hub(config.limits, self.broker, self.metrics, clock)
         self.authenticator = Authenticator(config.auth, self.http)
-        self.authorizer = Authorizer(config.auth, self.http)
+        self.authorizer = Authorizer(
+            config.auth, self.http,
+            cache=RedisDecisionCache(self.redis, config.auth.authorize_cache_ttl) if self.redis else None)
         self.admission = Admission(config.server, self.authenticator, self.authorizer, self.metrics)
         self.limiter = ConnectionLimiter(config.server)
-        self.exclusive = ExclusiveStreams(config.limits)
-        self.poller = Poller(self.http, config.upstream, config.limits.poll_cache_ttl, self.metrics)
+        self.cluster_exclusive = (RedisExclusive(self.redis, config.limits.one_stream_per_consumer)
+                                  if self.redis else None)
+        self.exclusive = ExclusiveStreams(config.limits, cluster=self.cluster_exclusive)
+        self.poller = Poller(self.http, config.upstream, config.limits.poll_cache_ttl, self.metrics,
+                             health=self.health, cache=RedisPollCache(self.redis) if self.redis else None)
+        self.listings = Listings(self.admission, self.authorizer, self.poller)
+        self.dashboard = Dashboard(config.auth.cookie) if config.dashboard.enabled else None
+        #: `/metrics` alone, for the separate `metrics.port` listener (`gateway serve` runs it).
+        self.metrics_app = MetricsApp(self.metrics.registry) if config.metrics.enabled else None
         self.sse = SSEStreams(self.hub, self.admission, self.limiter, self.exclusive, config.limits,
                               self.metrics, clock)
+        self.ws = WebSocketStreams(self.hub, self.admission, self.limiter, self.exclusive, config.limits,
+                                   config.websocket, self.metrics, clock)
         self.started = False
         self.draining = False
         self._background: list[asyncio.Task[None]] = []
         self.router = Starlette(routes=self._routes(), lifespan=self._lifespan,
                                 exception_handlers={HTTPException: _http_error, Exception: _server_error})
+        self.router.add_middleware(RequestIdMiddleware)
 
     def _routes(self) -> list[Any]:
         routes: list[Any] = [
             Route("/healthz", self._healthz),
             Route("/readyz", self._readyz),
+            *(Route(f"/api/v1/{kind}", self.listings.endpoint, methods=["GET"]) for kind in LISTABLE),
             Route("/api/v1/{kind:str}/{resource_id:str}", self._poll, methods=["GET"]),
         ]
         if self.config.metrics.enabled and self.config.metrics.port is None:
             routes.append(Route("/metrics", self._metrics))
+        if self.dashboard is not None:
+            routes += self.dashboard.routes()
         return routes
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -95,12 +123,19 @@ class GatewayApp:
             elif scope["method"] == "OPTIONS" and scope["path"].startswith("/api/"):
                 await self._preflight(scope, send)
                 return
+        elif scope["type"] == "websocket" and scope["path"] == "/ws":
+            await self.ws(scope, receive, send)
+            return
         await self.router(scope, receive, send)
 
     @contextlib.asynccontextmanager
     async def _lifespan(self, app: Starlette) -> AsyncIterator[None]:
         del app
-        self._background.append(asyncio.get_running_loop().create_task(self.hub.run_ticker()))
+        loop = asyncio.get_running_loop()
+        self._background.append(loop.create_task(self.hub.run_ticker()))
+        if self.redis is not None and self.cluster_exclusive is not None:
+            self._background.append(loop.create_task(self.redis.watch_health()))
+            self._background.append(loop.create_task(self.cluster_exclusive.run()))
         self.started = True
         try:
             yield
@@ -112,6 +147,7 @@ class GatewayApp:
         if not self.draining:
             self.draining = True
             count = self.hub.close_all(SHUTTING_DOWN)
+            self.ws.close_all(SHUTTING_DOWN)  # sockets without subscriptions too
             log.info("draining", extra={"streams": count})
             return count
         return 0
@@ -123,6 +159,8 @@ class GatewayApp:
         await asyncio.gather(*self._background, return_exceptions=True)
         self._background.clear()
         await self.hub.aclose()
+        if isinstance(self.broker, RedisBroker):
+            await self.broker.aclose()
         await self.pool.aclose()
         await self.http.aclose()
 
@@ -132,15 +170,24 @@ class GatewayApp:
         return JSONResponse({"status": "ok"})
 
     def ready(self) -> tuple[bool, str]:
+        """(ready, status): started, not draining, and the upstream answered recently (no evidence: ready)."""
         if not self.started:
             return False, "starting"
         if self.draining:
             return False, "draining"
+        if self.redis is not None and not self.redis.healthy:
+            return False, "redis_unavailable"
+        if self.health.reachable() is False:
+            return False, "upstream_unreachable"
         return True, "ready"
 
     async def _readyz(self, request: Request) -> Response:
+        if self.started and not self.draining:
+            await self.health.refresh(self.http, self.config.upstream.base_url)
         ok, status = self.ready()
-        return JSONResponse({"status": status}, status_code=200 if ok else 503)
+        body = {"status": status, "ready": ok, "started": self.started, "draining": self.draining,
+                "upstream": self.health.describe()}
+        return JSONResponse(body, status_code=200 if ok else 503, headers={"cache-control": "no-store"})
 
     async def _metrics(self, request: Request) -> Response:
         return Response(generate_latest(self.metrics.registry), media_type=CONTENT_TYPE_LATEST)

@@ -14,6 +14,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from functools import lru_cache
+from typing import Protocol
 
 import httpx
 
@@ -32,6 +33,14 @@ def _compile(pattern: str) -> re.Pattern[str]:
 def pattern_allows(patterns: Iterable[str], resource: str) -> bool:
     """Whether any `<kind>/<id>` pattern (with `*` wildcards) matches `resource`."""
     return any(_compile(p).fullmatch(resource) for p in patterns if "/" in p)
+
+
+class DecisionStore(Protocol):
+    """Where webhook decisions are cached: this process or every replica (Redis)."""
+
+    async def get(self, consumer: str, resource: str) -> bool | None: ...
+
+    async def put(self, consumer: str, resource: str, allowed: bool) -> None: ...
 
 
 class DecisionCache:
@@ -61,10 +70,10 @@ class Authorizer:
     """Decides whether a principal may open a resource; raises AuthError(403) if not."""
 
     def __init__(self, config: AuthConfig, client: httpx.AsyncClient | None = None,
-                 cache: DecisionCache | None = None) -> None:
+                 cache: DecisionStore | None = None) -> None:
         self.config = config
         self._client = client
-        self.cache = cache or DecisionCache(config.authorize_cache_ttl)
+        self.cache: DecisionStore = cache or DecisionCache(config.authorize_cache_ttl)
 
     async def check(self, principal: Principal, resource: str) -> None:
         if pattern_allows(principal.streams, resource):

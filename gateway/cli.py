@@ -199,6 +199,9 @@ Stratix gateway demo
   simulator (the upstream; only it and the gateway know the API key): {sim_url}
   gateway (what browsers talk to):                                   {base}
 
+Open the dashboard (signed in as alice; the page moves the token from the #fragment into its cookie):
+  {base}/#token={tokens[0]}
+
 Dev session tokens (users alice and bob, valid {int(args.ttl)} s):
   alice: {tokens[0]}
   bob:   {tokens[1]}

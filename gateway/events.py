@@ -28,19 +28,16 @@ def id_json(event_id: str) -> str:
 class Event:
     """One upstream event, owned by one stream."""
 
-    __slots__ = ("_ws", "data", "id", "received_at", "sse", "stream", "type", "ws_extra")
+    __slots__ = ("_ws", "data", "id", "received_at", "sse", "stream", "type")
 
-    def __init__(self, stream: str, id: str, type: str, data: str, received_at: float,
-                 ws_extra: str = "", ws: str | None = None) -> None:
+    def __init__(self, stream: str, id: str, type: str, data: str, received_at: float) -> None:
         self.stream = stream
         self.id = id
         self.type = type
         self.data = data
         self.received_at = received_at
-        self.ws_extra = ws_extra
         self.sse = encode_event(data, event=type, id=id)
-        #: A feed that already holds the exact WebSocket message (job events) passes it in.
-        self._ws: str | None = ws
+        self._ws: str | None = None
 
     @property
     def terminal(self) -> bool:
@@ -48,13 +45,22 @@ class Event:
 
     @property
     def ws(self) -> str:
-        """The `{"type":"event",...}` WebSocket message, built once."""
+        """The `{"type":"event",...}` WebSocket message, built once.
+
+        Job events carry the upstream's event object as it was sent (with `iteration` and
+        `timestamp`) plus `jobId`; evaluation events wrap their payload as `data`.
+        """
         if self._ws is None:
-            self._ws = (
-                '{"type":"event","stream":' + json.dumps(self.stream) + self.ws_extra
-                + ',"event":{"id":' + id_json(self.id) + ',"eventType":' + json.dumps(self.type)
-                + ',"data":' + as_json_text(self.data) + "}}"
-            )
+            kind, _, resource_id = self.stream.partition("/")
+            if kind == "optimizations":
+                self._ws = ('{"type":"event","stream":' + json.dumps(self.stream) + ',"jobId":'
+                            + json.dumps(resource_id) + ',"event":' + as_json_text(self.data) + "}")
+            else:
+                self._ws = (
+                    '{"type":"event","stream":' + json.dumps(self.stream)
+                    + ',"event":{"id":' + id_json(self.id) + ',"eventType":' + json.dumps(self.type)
+                    + ',"data":' + as_json_text(self.data) + "}}"
+                )
         return self._ws
 
 

@@ -28,6 +28,7 @@ from gateway.metrics import Metrics
 
 log = logging.getLogger("gateway.hub")
 
+PAUSE_EVENTS = frozenset({"job_paused", "job_resumed"})
 #: Most events one write carries; bounds the bytes joined for a subscriber that is catching up.
 MAX_EVENTS_PER_WRITE = 512
 
@@ -170,8 +171,12 @@ class Topic:
             self._cache.clear()
         if self.pending:
             self._resolve_pending(event, seq)
+        if event.type in PAUSE_EVENTS:
+            # A paused job is waiting on a human: it does not count towards the inactivity limit.
+            self.paused = event.type == "job_paused"
         if event.terminal:
             self.ended = True
+            self._lose_pending()
             self.on_ended(self)
         for sub in self.subscribers:
             sub.wake()
@@ -184,14 +189,18 @@ class Topic:
         if reason is not None and self.end_reason is None:
             self.end_reason = reason
             self.end_detail = detail
+        self._lose_pending()
+        self.on_ended(self)
+        for sub in self.subscribers:
+            sub.wake()
+
+    def _lose_pending(self) -> None:
+        """The stream is over and the ids they wait for never came: they get the history instead."""
         for sub in self.pending:
             sub.resume_id = None
             sub.continuity_lost = "unknown"
             sub.cursor = self.base
         self.pending.clear()
-        self.on_ended(self)
-        for sub in self.subscribers:
-            sub.wake()
 
     def _trim(self) -> None:
         drop = len(self.events) - self.capacity
@@ -263,6 +272,8 @@ class Hub:
         self.topics: dict[str, Topic] = {}
         self._closing = False
         self._tasks: set[asyncio.Task[None]] = set()
+        #: Topics counted in `gateway_upstream_streams`: created and not yet ended or dropped.
+        self._feeding: set[Topic] = set()
         metrics.watch_streams(self._open_stream_ages, clock)
 
     def _open_stream_ages(self) -> Iterable[tuple[str, float]]:
@@ -280,6 +291,7 @@ class Hub:
             topic.on_ended = self.topic_ended
             self.topics[key] = topic
             self.metrics.upstream_streams.labels(topic.kind).inc()
+            self._feeding.add(topic)
             self.broker.attach(topic)
         if topic.linger_handle is not None:
             topic.linger_handle.cancel()
@@ -317,16 +329,23 @@ class Hub:
 
     def _drop(self, topic: Topic) -> None:
         del self.topics[topic.key]
-        self.metrics.upstream_streams.labels(topic.kind).dec()
+        self._stop_counting(topic)
         task = asyncio.get_running_loop().create_task(self.broker.detach(topic))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
     def topic_ended(self, topic: Topic) -> None:
         """Called by feeds when a topic ends; idle ended topics are kept `history_ttl` for late resumes."""
+        self._stop_counting(topic)
         if not topic.subscribers and topic.linger_handle is None and self.topics.get(topic.key) is topic:
             loop = asyncio.get_running_loop()
             topic.linger_handle = loop.call_later(self.limits.history_ttl, self._expire, topic)
+
+    def _stop_counting(self, topic: Topic) -> None:
+        # An ended topic keeps its history for late resumes, but its upstream stream is over.
+        if topic in self._feeding:
+            self._feeding.discard(topic)
+            self.metrics.upstream_streams.labels(topic.kind).dec()
 
     def sweep(self) -> None:
         """Abort subscribers stuck in one write for longer than `limits.send_timeout`."""

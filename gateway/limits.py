@@ -8,10 +8,12 @@ across SSE and WebSocket: with `replace` the older stream is closed as `supersed
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
 from collections import Counter
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
+from typing import Protocol
 
 from gateway.closes import SUPERSEDED
 from gateway.config import LimitsConfig, ServerConfig
@@ -58,12 +60,37 @@ class ConnectionLimiter:
                 del self.per_ip[ip]
 
 
-class ExclusiveStreams:
-    """One open stream per (consumer, resource), across transports."""
+class ClusterExclusive(Protocol):
+    """The cluster-wide half of the one-stream rule (the Redis broker provides it)."""
 
-    def __init__(self, limits: LimitsConfig) -> None:
+    async def acquire(self, consumer: str, resource: str, sub: Subscription) -> None: ...
+
+    async def release(self, consumer: str, resource: str, sub: Subscription) -> None: ...
+
+
+class ExclusiveStreams:
+    """One open stream per (consumer, resource), across transports (and replicas, with a cluster)."""
+
+    def __init__(self, limits: LimitsConfig, cluster: ClusterExclusive | None = None) -> None:
         self.policy = limits.one_stream_per_consumer
         self._open: dict[tuple[str, str], Subscription] = {}
+        self.cluster = cluster
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    async def acquire(self, consumer: str, resource: str, sub: Subscription) -> None:
+        """Check, take the cluster-wide claim (if any), then claim locally; raises LimitError (409)."""
+        self.check(consumer, resource)
+        if self.cluster is not None:
+            await self.cluster.acquire(consumer, resource, sub)
+        self.claim(consumer, resource, sub)
+
+    def leave(self, consumer: str, resource: str, sub: Subscription) -> None:
+        """Release the local claim now and the cluster-wide one in the background."""
+        self.release(consumer, resource, sub)
+        if self.cluster is not None:
+            task = asyncio.get_running_loop().create_task(self.cluster.release(consumer, resource, sub))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
 
     def check(self, consumer: str, resource: str) -> None:
         """Refuse early (before any work) under the `reject` policy."""

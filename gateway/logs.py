@@ -16,6 +16,8 @@ import time
 from collections.abc import Iterable
 from typing import Any
 
+from gateway.types import ASGIApp, Message, Receive, Scope, Send
+
 request_id: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="-")
 
 _STANDARD = frozenset(vars(logging.makeLogRecord({})).keys()) | {"message", "asctime"}
@@ -23,6 +25,34 @@ _STANDARD = frozenset(vars(logging.makeLogRecord({})).keys()) | {"message", "asc
 
 def new_request_id() -> str:
     return secrets.token_hex(8)
+
+
+class RequestIdMiddleware:
+    """Gives every HTTP request and WebSocket its own request id for its log lines, echoed as X-Request-ID.
+
+    The id is always generated here: an incoming header is not trusted (it could carry anything,
+    a token included, into the logs).
+    """
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] not in ("http", "websocket"):
+            await self.app(scope, receive, send)
+            return
+        rid = new_request_id()
+        token = request_id.set(rid)
+
+        async def send_with_id(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                message = {**message, "headers": [*message.get("headers", ()), (b"x-request-id", rid.encode())]}
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_with_id)
+        finally:
+            request_id.reset(token)
 
 
 class JSONFormatter(logging.Formatter):
@@ -62,6 +92,18 @@ class Redactor(logging.Filter):
         return True
 
 
+class RefusedUpgradeFilter(logging.Filter):
+    """Drops uvicorn's false alarm when the gateway refuses a WebSocket upgrade with an HTTP response.
+
+    uvicorn (websockets-sansio) logs "ASGI callable returned without completing handshake" at
+    ERROR even though the client got the intended 401/403; alerting on it would page on every
+    rejected token.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "without completing handshake" not in record.getMessage()
+
+
 def configure_logging(level: str, secrets_: Iterable[str] = (), stream: Any = None) -> None:
     """Route every gateway (and uvicorn error) log line through the JSON formatter."""
     handler = logging.StreamHandler(stream or sys.stderr)
@@ -75,5 +117,6 @@ def configure_logging(level: str, secrets_: Iterable[str] = (), stream: Any = No
         logger.handlers = []
         logger.propagate = True
     logging.getLogger("uvicorn.access").disabled = True
+    logging.getLogger("uvicorn.error").addFilter(RefusedUpgradeFilter())
     logging.getLogger("httpx").setLevel(logging.WARNING)
     logging.getLogger("httpcore").setLevel(logging.WARNING)

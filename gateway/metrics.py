@@ -9,11 +9,13 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterable
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, generate_latest
 from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from prometheus_client.registry import Collector
 
 from gateway import __version__
+from gateway.types import Receive, Scope, Send
 
 _DELAY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 
@@ -84,3 +86,33 @@ class Metrics:
                       clock: Callable[[], float] = time.monotonic) -> None:
         """Register the age-of-last-event gauge, computed at scrape time from `source`."""
         self.registry.register(_OldestEventAge(source, clock))
+
+
+class MetricsApp:
+    """A tiny ASGI app serving `GET /metrics` from one registry: the separate `metrics.port` listener."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.registry = registry
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "lifespan":
+            while True:
+                message = await receive()
+                kind = message["type"].removeprefix("lifespan.")
+                await send({"type": f"lifespan.{kind}.complete"})
+                if kind == "shutdown":
+                    return
+        if scope["type"] != "http":
+            return
+        if scope["path"] != "/metrics":
+            status, body, content_type = 404, b'{"error":{"code":"not_found","message":"not found"}}', \
+                "application/json"
+        elif scope["method"] not in ("GET", "HEAD"):
+            status, body, content_type = 405, b'{"error":{"code":"method_not_allowed","message":"use GET"}}', \
+                "application/json"
+        else:
+            status, body, content_type = 200, generate_latest(self.registry), CONTENT_TYPE_LATEST
+        await send({"type": "http.response.start", "status": status, "headers": [
+            (b"content-type", content_type.encode()), (b"content-length", str(len(body)).encode()),
+            (b"cache-control", b"no-store")]})
+        await send({"type": "http.response.body", "body": b"" if scope["method"] == "HEAD" else body})

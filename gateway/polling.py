@@ -14,11 +14,13 @@ import json
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Protocol
 
 import httpx
 
 from gateway.backoff import parse_retry_after
 from gateway.config import UpstreamConfig
+from gateway.health import UpstreamHealth
 from gateway.metrics import Metrics
 from gateway.upstream import upstream_error_code
 
@@ -31,6 +33,14 @@ class PollResult:
     status: int
     body: bytes
     retry_after: float | None = None
+
+
+class ResultCache(Protocol):
+    """Where poll results are shared: this process (`PollCache`) or every replica (Redis)."""
+
+    async def get(self, resource: str) -> PollResult | None: ...
+
+    async def put(self, resource: str, result: PollResult, ttl: float) -> None: ...
 
 
 class PollCache:
@@ -65,12 +75,13 @@ class Poller:
     """Fetches a resource's current state from upstream, coalescing concurrent and recent polls."""
 
     def __init__(self, client: httpx.AsyncClient, config: UpstreamConfig, ttl: float, metrics: Metrics,
-                 cache: PollCache | None = None) -> None:
+                 cache: ResultCache | None = None, health: UpstreamHealth | None = None) -> None:
         self.client = client
+        self.health = health or UpstreamHealth()
         self.config = config
         self.ttl = ttl
         self.metrics = metrics
-        self.cache = cache or PollCache()
+        self.cache: ResultCache = cache or PollCache()
         self._inflight: dict[str, asyncio.Future[PollResult]] = {}
 
     async def get(self, resource: str) -> PollResult:
@@ -105,8 +116,13 @@ class Poller:
             response = await self.client.get(
                 url, headers={"X-API-Key": self.config.api_key or "", "Accept": "application/json"},
                 timeout=httpx.Timeout(self.config.connect_timeout))
-        except httpx.HTTPError:
+        except httpx.HTTPError as exc:
+            self.health.failure("timeout" if isinstance(exc, httpx.TimeoutException) else "error")
             return PollResult(502, _error("upstream_unavailable", "upstream did not answer"))
+        if response.status_code >= 500:
+            self.health.failure("http_5xx")
+        else:
+            self.health.success()
         if response.status_code == 200:
             return PollResult(200, response.content[:_MAX_BODY])
         if response.status_code == 429:

@@ -45,14 +45,13 @@ def close_frame(reason: CloseReason, sub: Subscription, detail: str | None = Non
     return encode_event(reason.payload(lastEventId=sub.last_id(), detail=detail, **extra), event=CLOSE_EVENT)
 
 
-def continuity_frame(sub: Subscription, requested: str | None) -> bytes:
+def continuity_frame(sub: Subscription) -> bytes:
     topic = sub.topic
     first = topic.events[0].id if topic.events else None
     payload = (
         '{"code":"continuity_lost","reason":"' + (sub.continuity_lost or "unknown") + '"'
         + (',"oldestRetainedId":' + _json_str(first) if first is not None else "") + "}"
     )
-    del requested
     return encode_event(payload, event=CONTINUITY_LOST_EVENT)
 
 
@@ -98,6 +97,7 @@ class SSEStreams:
             sub = self.hub.subscribe(resource, after_id, consumer)
         except LimitError as exc:
             self.metrics.limit_rejections.labels(exc.reason).inc()
+            log.info("stream refused", extra={"transport": "sse", "status": exc.status, "code": exc.code})
             await respond(send, exc, cors)
             return
         except StreamUnavailable as exc:
@@ -106,6 +106,8 @@ class SSEStreams:
                                            reason="max_streams"), cors)
             return
         except GatewayError as exc:
+            log.info("stream refused", extra={"transport": "sse", "status": exc.status, "code": exc.code,
+                                              "reason": exc.reason})
             await respond(send, exc, cors)
             return
         try:
@@ -115,7 +117,12 @@ class SSEStreams:
                 await send({"type": "http.response.body", "body": b""})
                 return
             with self.limiter.hold(consumer, admitted.client_ip):
-                self.exclusive.claim(consumer, resource, sub)
+                try:
+                    await self.exclusive.acquire(consumer, resource, sub)
+                except LimitError as exc:  # another replica holds this user's stream (reject policy)
+                    self.metrics.limit_rejections.labels(exc.reason).inc()
+                    await respond(send, exc, cors)
+                    return
                 labels = self.metrics.subscribers.labels("sse", kind)
                 labels.inc()
                 started = self.clock()
@@ -124,7 +131,7 @@ class SSEStreams:
                                                     after_id)
                 finally:
                     labels.dec()
-                    self.exclusive.release(consumer, resource, sub)
+                    self.exclusive.leave(consumer, resource, sub)
                 code = sub.close_reason.code if sub.close_reason else ("client_closed" if sub.closed else "ended")
                 if sub.close_reason is not None:
                     self.metrics.closes.labels(sub.close_reason.code).inc()
@@ -165,10 +172,13 @@ class SSEStreams:
             await send({"type": "http.response.start", "status": 200, "headers": _STREAM_HEADERS + cors})
             # Jittered reconnect delay so a gateway restart does not bring every browser back at once.
             first = encode_retry(random.randint(1000, 5000))
-            if sub.continuity_lost:
-                first += continuity_frame(sub, after_id)
             await send({"type": "http.response.body", "body": first, "more_body": True})
+            told_continuity = False
             while True:
+                if sub.continuity_lost and not told_continuity:
+                    # At the start, or later when a resume that waited for its id learns it is gone.
+                    told_continuity = True
+                    await send({"type": "http.response.body", "body": continuity_frame(sub), "more_body": True})
                 if sub.closed:
                     if sub.close_reason is not None:
                         frame = close_frame(sub.close_reason, sub, poll=self._poll_url(sub))

@@ -22,7 +22,9 @@ from gateway.backoff import Backoff, parse_retry_after
 from gateway.closes import UPSTREAM_FAILED, UPSTREAM_UNAVAILABLE
 from gateway.config import UpstreamConfig
 from gateway.events import Event
+from gateway.health import UpstreamHealth
 from gateway.hub import Topic
+from gateway.logs import new_request_id, request_id
 from gateway.metrics import Metrics
 from gateway.sse import SSEDecoder
 from gateway.upstream_ws import OptimizationMux
@@ -53,12 +55,14 @@ class SSEFeed:
     """Feeds one topic from one upstream SSE stream, reconnecting until the stream ends."""
 
     def __init__(self, topic: Topic, client: httpx.AsyncClient, config: UpstreamConfig, metrics: Metrics,
-                 clock: Callable[[], float], backoff: Backoff | None = None) -> None:
+                 clock: Callable[[], float], backoff: Backoff | None = None,
+                 health: UpstreamHealth | None = None) -> None:
         self.topic = topic
         self.client = client
         self.config = config
         self.metrics = metrics
         self.clock = clock
+        self.health = health or UpstreamHealth(clock)
         self.url = f"{config.base_url}/api/v1/{topic.kind}/{topic.resource_id}/stream"
         self.backoff = backoff or Backoff(config.backoff_initial, config.backoff_max)
         self.retry_hint: float = 0.0
@@ -90,6 +94,8 @@ class SSEFeed:
                 reason = "timeout"
             except (httpx.TransportError, httpx.StreamError):
                 reason = "error"
+            if reason in ("timeout", "error", "http_5xx"):
+                self.health.failure(reason)
             delay = self.backoff.next(delay_floor)
             log.info("upstream reconnect scheduled", extra={
                 "stream_kind": topic.kind, "reason": reason, "delay": round(delay, 3),
@@ -105,6 +111,8 @@ class SSEFeed:
         timeout = httpx.Timeout(self.config.read_timeout, connect=self.config.connect_timeout)
         async with self.client.stream("GET", self.url, headers=headers, timeout=timeout) as response:
             status = response.status_code
+            if status < 500:
+                self.health.success()
             if status != 200:
                 body = await response.aread() if status < 500 else b""
                 code = upstream_error_code(body)
@@ -114,6 +122,9 @@ class SSEFeed:
                     raise _Retry(f"http_{status if status < 500 else '5xx'}", retry_after)
                 raise FeedError(f"upstream answered {status}" + (f" ({code})" if code else ""))
             self.connected.set()
+            log.info("upstream connected", extra={
+                "stream_kind": self.topic.kind, "resume": "Last-Event-ID" in headers,
+                "attempt": self.backoff.attempt})
             return await self._consume(response)
 
     async def _consume(self, response: httpx.Response) -> int:
@@ -168,17 +179,19 @@ class UpstreamPool:
     """The in-process broker: one feed task per topic, talking to the upstream directly."""
 
     def __init__(self, config: UpstreamConfig, metrics: Metrics, clock: Callable[[], float],
-                 client: httpx.AsyncClient | None = None) -> None:
+                 client: httpx.AsyncClient | None = None, health: UpstreamHealth | None = None) -> None:
         self.config = config
         self.metrics = metrics
         self.clock = clock
+        #: Shared record of upstream answers and failures, read by `/readyz`.
+        self.health = health or UpstreamHealth(clock)
         self.client = client or httpx.AsyncClient(
             limits=httpx.Limits(max_connections=None, max_keepalive_connections=32),
             follow_redirects=False,
         )
         self._tasks: dict[str, asyncio.Task[None]] = {}
         #: Optimization jobs share one upstream WebSocket instead of a feed each.
-        self.mux = OptimizationMux(config, metrics, clock)
+        self.mux = OptimizationMux(config, metrics, clock, health=self.health)
 
     def attach(self, topic: Topic) -> None:
         if topic.kind == "optimizations":
@@ -188,8 +201,12 @@ class UpstreamPool:
         self._tasks[topic.key] = task
 
     async def _run(self, topic: Topic) -> None:
+        # The feed outlives the request that opened it: give its log lines their own id.
+        opened_by = request_id.get()
+        request_id.set(new_request_id())
+        log.info("upstream feed started", extra={"stream_kind": topic.kind, "opened_by": opened_by})
         try:
-            feed = SSEFeed(topic, self.client, self.config, self.metrics, self.clock)
+            feed = SSEFeed(topic, self.client, self.config, self.metrics, self.clock, health=self.health)
             await feed.run()
         except asyncio.CancelledError:
             raise

@@ -474,3 +474,20 @@ async def test_no_secret_in_any_response_or_log_line(sim: Sim, gateway: Gateway,
         assert API_KEY not in text
         for issued in gateway.tokens:
             assert issued not in text
+
+
+async def test_websocket_upgrade_from_a_foreign_origin_is_refused(sim: Sim, gateway_factory: Any) -> None:
+    from websockets.asyncio.client import connect
+    from websockets.exceptions import InvalidStatus
+
+    gateway = await gateway_factory(server={"allowed_origins": ["https://app.example.com"]})
+    url = gateway.url.replace("http://", "ws://", 1) + "/ws"
+    token = gateway.token()
+    for origin in ("https://evil.example.net", "null"):
+        with pytest.raises(InvalidStatus) as refused:
+            async with connect(url, origin=origin, additional_headers=bearer(token)):  # type: ignore[arg-type]
+                pass
+        assert refused.value.response.status_code == 403
+    async with connect(url, origin="https://app.example.com", additional_headers=bearer(token)) as ws:  # type: ignore[arg-type]
+        await ws.send(json.dumps({"type": "ping"}))
+        assert json.loads(await ws.recv())["type"] == "pong"

@@ -191,3 +191,14 @@ async def test_api_key_never_reaches_clients(sim: Sim, gateway: Gateway) -> None
     assert bodies
     for body in bodies:
         assert API_KEY not in body
+
+
+async def test_unknown_resume_id_on_a_fresh_stream_signals_continuity_lost(sim: Sim, gateway: Gateway) -> None:
+    # A fresh gateway waits for the id while the upstream replays; it never comes, so the
+    # client is told (mid-stream) and gets the whole history.
+    url = f"{gateway.url}/api/v1/evaluations/e-unknown/stream"
+    got = await read_sse(url, {**gateway.headers(), "Last-Event-ID": "not-an-id"}, until=terminal)
+    names = [e[1] for e in got.events]
+    assert names[0] == "gateway.continuity_lost" and names[-1] == "final"
+    assert json.loads(got.events[0][2])["reason"] == "unknown"
+    assert got.ids == _expected_ids(len(got.ids))

@@ -1,0 +1,564 @@
+"""The shared broker: many gateway replicas, still one upstream stream per resource.
+
+Per resource with local subscribers, every replica runs a `_Session`:
+
+* a **tailer** that reads the resource's Redis Stream once (history first, then live) and
+  publishes into the local topic, so the in-process hub stays the fan-out hot path and
+  event ids are the same on every replica;
+* a **lease loop**: the replica that holds `lease:<resource>` (SET NX PX, renewed at a
+  third of its TTL) runs the upstream feed. Its value carries a fencing token (INCR) and a
+  nonce; every append is a Lua script that checks the value first, so a holder that lost
+  its lease can never write again. A replica that still has subscribers takes the lease
+  over when it expires and resumes upstream after the last event in the Redis Stream.
+
+When Redis is unreachable nobody can take a lease over, so a holder keeps its upstream
+feed and publishes to its own subscribers directly; when Redis returns it either renews
+its lease or, if another replica has it, stops. The upstream's own one-stream rule (409)
+guards the overlap of a network partition; the feed backs off on 409 until it clears.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import json
+import logging
+import secrets
+import time
+from collections import deque
+from collections.abc import Awaitable, Callable, Coroutine, Iterable
+from typing import Any, TypeVar
+
+import redis.asyncio as aioredis
+from redis.exceptions import RedisError, ResponseError
+
+from gateway.backoff import Backoff
+from gateway.closes import CATALOGUE, SUPERSEDED, UPSTREAM_UNAVAILABLE, CloseReason
+from gateway.config import BrokerConfig, LimitsConfig
+from gateway.events import Event
+from gateway.hub import Subscription, Topic
+from gateway.metrics import Metrics
+from gateway.polling import PollResult
+
+log = logging.getLogger("gateway.redis")
+
+T = TypeVar("T")
+
+_FENCED_XADD = """
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return redis.error_reply('FENCED') end
+return redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[2], '*', unpack(ARGV, 3))
+"""
+_RENEW = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
+return 0
+"""
+_RELEASE = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"""
+_REASONS = {reason.code: reason for reason in CATALOGUE}
+
+
+class Fenced(Exception):
+    """This replica no longer holds the lease it tried to write under."""
+
+
+class Keys:
+    """Every Redis key the gateway uses, under one configurable prefix."""
+
+    def __init__(self, prefix: str) -> None:
+        self.prefix = prefix
+
+    def stream(self, resource: str) -> str:
+        return f"{self.prefix}stream:{resource}"
+
+    def lease(self, resource: str) -> str:
+        return f"{self.prefix}lease:{resource}"
+
+    def fence(self, resource: str) -> str:
+        return f"{self.prefix}fence:{resource}"
+
+    def exclusive(self, consumer: str, resource: str) -> str:
+        return f"{self.prefix}excl:{resource}:{consumer}"
+
+    def poll(self, resource: str) -> str:
+        return f"{self.prefix}poll:{resource}"
+
+    def decision(self, consumer: str, resource: str) -> str:
+        return f"{self.prefix}authz:{resource}:{consumer}"
+
+    @property
+    def supersede_channel(self) -> str:
+        return f"{self.prefix}supersede"
+
+
+class RedisClient:
+    """The connection, its health, and round-trip timing for every command the gateway issues."""
+
+    def __init__(self, config: BrokerConfig, metrics: Metrics, clock: Callable[[], float] = time.monotonic) -> None:
+        self.config = config
+        self.keys = Keys(config.key_prefix)
+        self.metrics = metrics
+        self.clock = clock
+        self.redis: aioredis.Redis = aioredis.Redis.from_url(
+            str(config.url), decode_responses=True, socket_timeout=max(2.0, config.lease_ttl),
+            socket_connect_timeout=2.0, health_check_interval=10)
+        self.healthy = False
+        self.fenced_xadd = self.redis.register_script(_FENCED_XADD)
+        self.renew = self.redis.register_script(_RENEW)
+        self.release = self.redis.register_script(_RELEASE)
+
+    async def call(self, operation: Callable[[], Awaitable[T]]) -> T:
+        """Run one command, timing it and tracking health (connection errors mark Redis down)."""
+        started = self.clock()
+        try:
+            result = await operation()
+        except (RedisError, OSError) as exc:
+            if not isinstance(exc, ResponseError):
+                if self.healthy:
+                    log.warning("redis unavailable", extra={"error": type(exc).__name__})
+                self.healthy = False
+            raise
+        self.metrics.redis_roundtrip.observe(self.clock() - started)
+        if not self.healthy:
+            log.info("redis available")
+        self.healthy = True
+        return result
+
+    async def watch_health(self, interval: float = 1.0) -> None:
+        """Ping so readiness follows Redis even when no stream is busy."""
+        while True:
+            with contextlib.suppress(RedisError, OSError):
+                await self.call(self.redis.ping)
+            await asyncio.sleep(interval)
+
+    async def aclose(self) -> None:
+        await self.redis.aclose()
+
+
+class _Sink:
+    """What the upstream feed writes to on the holder: fenced appends to the Redis Stream.
+
+    It looks like a topic to the feed (last id, ordinal, publish, end) and keeps the
+    upstream's order with a single writer task behind a queue.
+    """
+
+    def __init__(self, session: _Session, holder: str, last_id: str | None, ordinal: int) -> None:
+        topic = session.topic
+        self.session = session
+        self.key, self.kind, self.resource_id = topic.key, topic.kind, topic.resource_id
+        self.holder = holder
+        self.last_id = last_id
+        self.ordinal = ordinal
+        self.ended = False
+        self.paused = False
+        self._queue: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
+        #: Events appended lately, so a switch to local delivery cannot skip one the tailer had not read yet.
+        self.recent: deque[Event] = deque(maxlen=1024)
+        self._writer = asyncio.get_running_loop().create_task(self._write())
+
+    def has_id(self, event_id: str) -> bool:
+        return event_id == self.last_id or self.session.topic.has_id(event_id)
+
+    def publish(self, event: Event) -> None:
+        if self.ended:
+            return
+        self.last_id = event.id
+        self.ordinal += 1
+        if event.terminal:
+            self.ended = True
+        self._queue.put_nowait(("event", event))
+        if not self.session.broker.client.healthy:
+            self.session.publish_locally("event", event, self.recent)
+
+    def end(self, reason: CloseReason | None = None, detail: str | None = None) -> None:
+        if self.ended and reason is None:
+            return
+        self.ended = True
+        self._queue.put_nowait(("end", (reason, detail)))
+
+    async def _write(self) -> None:
+        client = self.session.broker.client
+        keys = client.keys
+        maxlen = str(self.session.broker.limits.replay_buffer)
+        backoff = Backoff(0.05, 1.0)
+        while True:
+            kind, item = await self._queue.get()
+            fields = _fields(kind, item, self.ordinal)
+            while True:
+                try:
+                    await client.call(lambda f=fields: client.fenced_xadd(  # type: ignore[misc]
+                        keys=[keys.lease(self.key), keys.stream(self.key)], args=[self.holder, maxlen, *f]))
+                    backoff.reset()
+                    break
+                except ResponseError as exc:
+                    if "FENCED" in str(exc):
+                        self.session.lost_lease()
+                        return
+                    raise
+                except (RedisError, OSError):
+                    # Redis is down: nobody can take the lease over, so serve local subscribers
+                    # directly, and keep this event for the shared log until Redis is back.
+                    self.session.publish_locally(kind, item, self.recent)
+                    await asyncio.sleep(backoff.next())
+            if kind == "event":
+                self.recent.append(item)
+            if kind == "end" or (kind == "event" and item.terminal):
+                await self.session.finish_history()
+
+    async def aclose(self) -> None:
+        self._writer.cancel()
+        await asyncio.gather(self._writer, return_exceptions=True)
+
+
+def _fields(kind: str, item: Any, ordinal: int) -> list[str]:
+    if kind == "event":
+        event: Event = item
+        return ["k", "e", "i", event.id, "y", event.type, "d", event.data, "t", repr(time.time()),
+                "o", str(ordinal)]
+    reason, detail = item
+    return ["k", "x", "c", reason.code if reason else "", "m", detail or "", "t", repr(time.time())]
+
+
+class _Session:
+    """One resource on one replica: a tailer, and a lease loop that may run the upstream feed."""
+
+    def __init__(self, broker: RedisBroker, topic: Topic) -> None:
+        self.broker = broker
+        self.topic = topic
+        self.sink: _Sink | None = None
+        loop = asyncio.get_running_loop()
+        self.tasks = [loop.create_task(self._tail(), name=f"tail {topic.kind}"),
+                      loop.create_task(self._lease_loop(), name=f"lease {topic.kind}")]
+
+    # --- the tailer -------------------------------------------------------------------
+
+    async def _tail(self) -> None:
+        client = self.broker.client
+        stream = client.keys.stream(self.topic.key)
+        last = "0-0"
+        backoff = Backoff(0.1, 2.0)
+        while not self.topic.ended:
+            try:
+                reply: Any = await client.call(lambda s=last: client.redis.xread(  # type: ignore[misc]
+                    {stream: s}, count=1000, block=2000))
+            except (RedisError, OSError):
+                await asyncio.sleep(backoff.next())
+                continue
+            backoff.reset()
+            for _name, entries in reply or ():
+                for entry_id, fields in entries:
+                    last = entry_id
+                    self._apply(fields)
+
+    def _apply(self, fields: dict[str, str]) -> None:
+        topic = self.topic
+        if fields.get("k") == "x":
+            reason = _REASONS.get(fields.get("c", ""))
+            topic.end(reason or UPSTREAM_UNAVAILABLE if fields.get("c") else None, fields.get("m") or None)
+            return
+        event_id = fields.get("i", "")
+        if _seen(topic, event_id):
+            return
+        sent = float(fields.get("t", "0") or 0)
+        if sent:
+            self.broker.metrics.tail_lag.observe(max(0.0, time.time() - sent))
+        topic.publish(Event(topic.key, event_id, fields.get("y", "message"), fields.get("d", ""),
+                            self.broker.clock()))
+
+    def publish_locally(self, kind: str, item: Any, recent: Iterable[Event] = ()) -> None:
+        """Redis is down: the holder feeds its own subscribers straight from the upstream."""
+        for event in recent:  # appended before the outage but perhaps not tailed yet
+            if not _seen(self.topic, event.id):
+                self.topic.publish(event)
+        if kind == "event":
+            if not _seen(self.topic, item.id):
+                self.topic.publish(item)
+        else:
+            reason, detail = item
+            self.topic.end(reason, detail)
+
+    # --- the lease ----------------------------------------------------------------------
+
+    async def _lease_loop(self) -> None:
+        broker = self.broker
+        client = broker.client
+        keys = client.keys
+        ttl_ms = int(broker.config.lease_ttl * 1000)
+        interval = broker.config.lease_ttl / 3
+        holder = ""
+        while not self.topic.ended:
+            try:
+                if self.sink is not None:
+                    renewed = await client.call(lambda h=holder: client.renew(  # type: ignore[misc]
+                        keys=[keys.lease(self.topic.key)], args=[h, ttl_ms]))
+                    if not renewed:
+                        self.lost_lease()
+                else:
+                    holder = await self._try_acquire(ttl_ms)
+            except (RedisError, OSError):
+                pass  # health is tracked by the client; a holder keeps its feed meanwhile
+            await asyncio.sleep(interval if self.sink is not None else interval / 2)
+
+    async def _try_acquire(self, ttl_ms: int) -> str:
+        client = self.broker.client
+        keys = client.keys
+        key = self.topic.key
+        if await client.call(lambda: client.redis.exists(keys.lease(key))):
+            return ""
+        fence = await client.call(lambda: client.redis.incr(keys.fence(key)))
+        holder = f"{self.broker.replica_id}:{fence}:{secrets.token_hex(4)}"
+        if not await client.call(lambda: client.redis.set(keys.lease(key), holder, nx=True, px=ttl_ms)):
+            return ""
+        last: Any = await client.call(lambda: client.redis.xrevrange(keys.stream(key), count=1))
+        last_id: str | None = None
+        ordinal = 0
+        if last:
+            fields = last[0][1]
+            if fields.get("k") == "x" or fields.get("y") in _TERMINAL:
+                await client.call(lambda: client.release(keys=[keys.lease(key)], args=[holder]))
+                return ""
+            last_id = fields.get("i") or None
+            ordinal = int(fields.get("o", "0") or 0)
+            self.broker.metrics.lease_takeovers.inc()
+        log.info("lease acquired", extra={"stream_kind": self.topic.kind, "fence": fence,
+                                          "resume": last_id is not None})
+        self.sink = _Sink(self, holder, last_id, ordinal)
+        self.broker.metrics.leases_held.inc()
+        self.broker.pool.attach(self.sink)
+        return holder
+
+    def lost_lease(self) -> None:
+        """Stop feeding (another replica holds the lease, or ours expired)."""
+        sink, self.sink = self.sink, None
+        if sink is None:
+            return
+        log.warning("lease lost", extra={"stream_kind": self.topic.kind})
+        self.broker.metrics.leases_held.dec()
+        self.broker.spawn(self._stop_feed(sink, release=False))
+
+    async def _stop_feed(self, sink: _Sink, release: bool) -> None:
+        await self.broker.pool.detach(sink)
+        await sink.aclose()
+        if release:
+            client = self.broker.client
+            with contextlib.suppress(RedisError, OSError):
+                await client.call(lambda: client.release(keys=[client.keys.lease(self.topic.key)],
+                                                         args=[sink.holder]))
+
+    async def finish_history(self) -> None:
+        """The resource ended: keep its history `history_ttl` seconds, then let Redis forget it."""
+        client = self.broker.client
+        ttl = max(1, int(self.broker.limits.history_ttl))
+        with contextlib.suppress(RedisError, OSError):
+            await client.call(lambda: client.redis.expire(client.keys.stream(self.topic.key), ttl))
+        sink, self.sink = self.sink, None
+        if sink is not None:
+            self.broker.metrics.leases_held.dec()
+            with contextlib.suppress(RedisError, OSError):
+                await client.call(lambda: client.release(keys=[client.keys.lease(self.topic.key)],
+                                                         args=[sink.holder]))
+
+    async def aclose(self) -> None:
+        for task in self.tasks:
+            task.cancel()
+        await asyncio.gather(*self.tasks, return_exceptions=True)
+        sink, self.sink = self.sink, None
+        if sink is not None:
+            self.broker.metrics.leases_held.dec()
+            await self._stop_feed(sink, release=True)
+
+
+_TERMINAL = frozenset({"final", "error", "job_complete", "job_failed", "job_cancelled"})
+
+
+def _seen(topic: Topic, event_id: str) -> bool:
+    last = topic.last_id
+    if last is None:
+        return False
+    if event_id.isdigit() and last.isdigit():
+        return int(event_id) <= int(last)
+    return topic.has_id(event_id)
+
+
+class RedisBroker:
+    """The `Broker` for `broker.kind: redis`: leases, fenced appends and tailing per resource."""
+
+    def __init__(self, config: BrokerConfig, limits: LimitsConfig, pool: Any, metrics: Metrics,
+                 client: RedisClient | None = None, clock: Callable[[], float] = time.monotonic) -> None:
+        self.config = config
+        self.limits = limits
+        self.pool = pool
+        self.metrics = metrics
+        self.clock = clock
+        self.client = client or RedisClient(config, metrics, clock)
+        self.replica_id = secrets.token_hex(6)
+        self._sessions: dict[str, _Session] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    @property
+    def healthy(self) -> bool:
+        return self.client.healthy
+
+    def spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def attach(self, topic: Topic) -> None:
+        self._sessions[topic.key] = _Session(self, topic)
+
+    async def detach(self, topic: Topic) -> None:
+        session = self._sessions.pop(topic.key, None)
+        if session is not None:
+            await session.aclose()
+
+    async def aclose(self) -> None:
+        sessions = list(self._sessions.values())
+        self._sessions.clear()
+        await asyncio.gather(*(s.aclose() for s in sessions), return_exceptions=True)
+        if self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self.client.aclose()
+
+
+class RedisExclusive:
+    """One stream per consumer per resource across replicas: a key per pair, and a supersede channel.
+
+    Local bookkeeping stays in the in-process `ExclusiveStreams`; this adds the cluster view.
+    With `replace`, claiming publishes a notice and every other replica closes its stream for
+    that pair as `superseded`. With `reject`, the pair's key is taken with SET NX and refreshed
+    while the stream is open, so a second stream anywhere gets 409.
+    """
+
+    TTL = 60.0
+
+    def __init__(self, client: RedisClient, policy: str) -> None:
+        self.client = client
+        self.policy = policy
+        self.owner_prefix = secrets.token_hex(6)
+        self._open: dict[tuple[str, str], tuple[str, Subscription]] = {}
+        self._counter = 0
+
+    def _owner(self) -> str:
+        self._counter += 1
+        return f"{self.owner_prefix}:{self._counter}"
+
+    async def acquire(self, consumer: str, resource: str, sub: Subscription) -> None:
+        from gateway.errors import LimitError
+
+        client = self.client
+        key = client.keys.exclusive(consumer, resource)
+        owner = self._owner()
+        try:
+            if self.policy == "reject":
+                ok = await client.call(lambda: client.redis.set(key, owner, nx=True, px=int(self.TTL * 1000)))
+                if not ok:
+                    raise LimitError(f"a stream for {resource} is already open for this user", status=409,
+                                     code="stream_already_open", reason="one_stream_per_consumer")
+            else:
+                await client.call(lambda: client.redis.set(key, owner, px=int(self.TTL * 1000)))
+                notice = json.dumps({"consumer": consumer, "resource": resource, "owner": owner})
+                await client.call(lambda: client.redis.publish(client.keys.supersede_channel, notice))
+        except (RedisError, OSError):
+            pass  # Redis down: the local rule still holds on this replica
+        self._open[(consumer, resource)] = (owner, sub)
+
+    async def release(self, consumer: str, resource: str, sub: Subscription) -> None:
+        entry = self._open.get((consumer, resource))
+        if entry is None or entry[1] is not sub:
+            return
+        del self._open[(consumer, resource)]
+        client = self.client
+        with contextlib.suppress(RedisError, OSError):
+            await client.call(lambda: client.release(keys=[client.keys.exclusive(consumer, resource)],
+                                                     args=[entry[0]]))
+
+    def on_notice(self, message: str) -> None:
+        try:
+            notice = json.loads(message)
+            pair = (notice["consumer"], notice["resource"])
+        except (ValueError, KeyError, TypeError):
+            return
+        entry = self._open.get(pair)
+        if entry is not None and entry[0] != notice.get("owner") and not entry[1].closed:
+            entry[1].close(SUPERSEDED)
+
+    async def run(self) -> None:
+        """Listen for supersede notices and keep this replica's reject-policy keys alive."""
+        client = self.client
+        backoff = Backoff(0.2, 5.0)
+        while True:
+            pubsub = client.redis.pubsub()
+            try:
+                await pubsub.subscribe(client.keys.supersede_channel)
+                backoff.reset()
+                refresh_at = time.monotonic() + self.TTL / 3
+                while True:
+                    message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=1.0)
+                    if message is not None and isinstance(message.get("data"), str):
+                        self.on_notice(message["data"])
+                    if time.monotonic() >= refresh_at:
+                        refresh_at = time.monotonic() + self.TTL / 3
+                        for (consumer, resource), (_owner, _sub) in list(self._open.items()):
+                            await client.redis.pexpire(client.keys.exclusive(consumer, resource),
+                                                       int(self.TTL * 1000))
+            except (RedisError, OSError):
+                await asyncio.sleep(backoff.next())
+            finally:
+                with contextlib.suppress(Exception):
+                    await pubsub.aclose()  # type: ignore[no-untyped-call]
+
+
+class RedisPollCache:
+    """The polling cache shared by every replica (one upstream poll per TTL cluster-wide)."""
+
+    def __init__(self, client: RedisClient) -> None:
+        self.client = client
+
+    async def get(self, resource: str) -> PollResult | None:
+        client = self.client
+        try:
+            raw = await client.call(lambda: client.redis.get(client.keys.poll(resource)))
+        except (RedisError, OSError):
+            return None
+        if not raw:
+            return None
+        try:
+            data = json.loads(raw)
+            return PollResult(int(data["s"]), base64.b64decode(data["b"]), data.get("r"))
+        except (ValueError, KeyError, TypeError):
+            return None
+
+    async def put(self, resource: str, result: PollResult, ttl: float) -> None:
+        if ttl <= 0:
+            return
+        client = self.client
+        raw = json.dumps({"s": result.status, "b": base64.b64encode(result.body).decode(), "r": result.retry_after})
+        with contextlib.suppress(RedisError, OSError):
+            await client.call(lambda: client.redis.set(client.keys.poll(resource), raw, px=max(1, int(ttl * 1000))))
+
+
+class RedisDecisionCache:
+    """Authorization-webhook decisions shared by every replica."""
+
+    def __init__(self, client: RedisClient, ttl: float) -> None:
+        self.client = client
+        self.ttl = ttl
+
+    async def get(self, consumer: str, resource: str) -> bool | None:
+        client = self.client
+        try:
+            raw = await client.call(lambda: client.redis.get(client.keys.decision(consumer, resource)))
+        except (RedisError, OSError):
+            return None
+        return None if raw is None else raw == "1"
+
+    async def put(self, consumer: str, resource: str, allowed: bool) -> None:
+        if self.ttl <= 0:
+            return
+        client = self.client
+        with contextlib.suppress(RedisError, OSError):
+            await client.call(lambda: client.redis.set(client.keys.decision(consumer, resource),
+                                                       "1" if allowed else "0", px=max(1, int(self.ttl * 1000))))
