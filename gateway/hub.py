@@ -93,6 +93,21 @@ class Subscription:
         self.cursor = end
         return chunk, events
 
+    def take_events(self) -> list[Event] | None:
+        """Like `take`, for transports that send one message per event (no joined frames)."""
+        if self.resume_id is not None:
+            return None
+        topic = self.topic
+        if self.cursor < topic.base:
+            self.close(SLOW_CONSUMER)
+            return None
+        if self.cursor >= topic.head:
+            return None
+        start = self.cursor - topic.base
+        events = topic.events[start:start + MAX_EVENTS_PER_WRITE]
+        self.cursor += len(events)
+        return events
+
     @property
     def drained(self) -> bool:
         return self.resume_id is None and self.cursor >= self.topic.head

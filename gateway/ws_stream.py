@@ -187,6 +187,7 @@ class WSConnection:
         self._writer: asyncio.Task[None] | None = None
         self._aborted = False
         self.events_sent = 0
+        self.bytes_sent = 0  # event payload characters (ASCII JSON: bytes)
 
     # -- lifecycle --------------------------------------------------------------------------------
 
@@ -216,6 +217,7 @@ class WSConnection:
                 self._remove(stream)
             log.info("websocket closed", extra={
                 "transport": "ws", "duration": round(self.clock() - started, 3), "events": self.events_sent,
+                "bytes": self.bytes_sent,
                 "close_code": self.close_code if self.close_code is not None else "client_closed"})
 
     def close(self, reason: CloseReason) -> None:
@@ -424,16 +426,17 @@ class WSConnection:
                     self._announce_continuity_lost(watch)
                     busy = True
                     continue
-                taken = sub.take()
-                if taken is not None:
-                    batch = taken[1]
+                batch = sub.take_events()
+                if batch is not None:
                     sent = 0
                     for event in batch:
                         if self.subs.get(stream) is not watch or self.close_code is not None:
                             break
                         sub.sending_since = clock()
-                        await send({"type": "websocket.send", "text": event.ws})
+                        text = event.ws
+                        await send({"type": "websocket.send", "text": text})
                         sent += 1
+                        self.bytes_sent += len(text)
                     sub.sending_since = 0.0
                     self.events_sent += sent
                     owner.frames.inc(sent)
