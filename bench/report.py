@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 COLUMNS = (("gateway", "sse", "gateway SSE"), ("gateway", "ws", "gateway WS"), ("naive", "sse", "naive Python"),
-           ("nchan", "sse", "nchan"))
+           ("nchan", "sse", "nchan"), ("raw", "sse", "raw uvloop, no ASGI"))
 
 
 class Summary:
@@ -102,7 +102,8 @@ def markdown(document: dict[str, Any]) -> str:
         f"{document['machine']['cpus']} CPUs, Python {document['machine']['python']}, kernel "
         f"{document['machine']['kernel']}; loopback; ~90-byte payloads; {opts['workers']} load-generator "
         f"process(es); medians of {opts['repeats']} run(s); closed loop with W={opts['window']} messages in flight; "
-        f"fixed rate {opts['rate']:,.0f} deliveries/s; elapsed {document['elapsed_s']:.0f} s.",
+        f"fixed rate {opts['rate']:,.0f} deliveries/s; gateway at {document.get('gateway_revision', '?')}; "
+        f"elapsed {document['elapsed_s']:.0f} s.",
         "",
         "## Targets (issue 3)",
         "",

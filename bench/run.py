@@ -34,6 +34,7 @@ from bench.loadgen import LoadGen, Merged, Target
 
 RESULTS = Path(__file__).resolve().parent / "results"
 SYSTEMS = ("gateway", "naive", "nchan")
+OPTIONAL_SYSTEMS = ("raw",)
 
 
 @dataclass
@@ -65,9 +66,9 @@ class Options:
         return data
 
 
-QUICK = Options()
-FULL = Options(ns=[100, 1000, 5000], repeats=3, deliveries=1_500_000, duration=6.0, rate_ns=[100, 1000, 5000],
-               rate_duration=6.0, hold=10_000)
+QUICK = Options(deliveries=1_000_000, duration=3.0, rate_duration=3.0)
+FULL = Options(ns=[100, 1000, 5000], repeats=3, deliveries=3_000_000, duration=5.0, rate_ns=[100, 1000, 5000],
+               rate_duration=5.0, hold=10_000)
 SMOKE = Options(ns=[20], systems=["gateway"], transports=["sse"], deliveries=4000, duration=2.0, rate_ns=[],
                 plot=False)
 
@@ -136,6 +137,8 @@ class Bench:
         if system == "nchan":
             assert self.nchan is not None
             return sut.start_nchan(self.nchan)
+        if system == "raw":
+            return sut.start_raw(self.upstream_url, self.api_key)
         raise ValueError(system)
 
     def target(self, system: str, transport: str, port: int, stream: str) -> Target:
@@ -365,7 +368,8 @@ def main(argv: list[str] | None = None) -> int:
     size.add_argument("--quick", action="store_true", help="about a minute (default)")
     size.add_argument("--full", action="store_true", help="N in {100, 1000, 5000}, 3 repeats, 10k held (~15 min)")
     parser.add_argument("--n", help="comma-separated subscriber counts (overrides the preset)")
-    parser.add_argument("--systems", help=f"comma-separated subset of {','.join(SYSTEMS)}")
+    parser.add_argument("--systems", help=f"comma-separated, from {','.join(SYSTEMS + OPTIONAL_SYSTEMS)} "
+                        f"(default {','.join(SYSTEMS)})")
     parser.add_argument("--transports", help="gateway transports: sse,ws")
     parser.add_argument("--repeats", type=int)
     parser.add_argument("--workers", type=int, help="load generator processes (default 1)")
@@ -401,6 +405,18 @@ def main(argv: list[str] | None = None) -> int:
     return 0 if all(r["ok"] for r in document["summary"]) else 1
 
 
+def _revision(source: Path) -> str:
+    """The commit the gateway ran from, with "+dirty" if its files had uncommitted changes."""
+    try:
+        head = subprocess.run(["git", "-C", str(source), "rev-parse", "--short", "HEAD"], capture_output=True,
+                              text=True, timeout=5).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(source), "status", "--porcelain", "--", "gateway"],
+                               capture_output=True, text=True, timeout=5).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return (head or "unknown") + ("+dirty" if dirty else "")
+
+
 def _ints(text: str | None) -> list[int] | None:
     if text is None:
         return None
@@ -422,6 +438,7 @@ def run_bench(options: Options, write: bool = True) -> dict[str, Any]:
         "started": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(started)),
         "elapsed_s": round(time.time() - started, 1),
         "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "kernel": platform.release()},
+        "gateway_revision": _revision(options.gateway_source),
         "options": options.public(), "websocket": ws_status, "runs": results, "summary": summarize(results),
     }
     if write:

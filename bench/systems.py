@@ -4,6 +4,7 @@
   only where the benchmark needs more than the defaults: connections per client address).
 * `naive`: `bench/naive_app.py` (Starlette + uvicorn, one queue per subscriber).
 * `nchan`: Debian nginx-light + libnginx-mod-nchan, one worker, generated config in a temp dir.
+* `raw` (optional): `bench/raw_app.py`, raw uvloop protocols without ASGI: a ceiling for Python.
 """
 
 from __future__ import annotations
@@ -174,6 +175,21 @@ def start_naive(upstream: str, api_key: str) -> Running:
     proc, log = _spawn([sys.executable, "-m", "bench.naive_app", "--port", str(port), "--upstream", upstream,
                         "--api-key", api_key], tmp)
     running = Running("naive", port, proc, tmp, log)
+    try:
+        _wait_port(proc, port, log)
+    except Exception:
+        running.stop()
+        raise
+    return running
+
+
+def start_raw(upstream: str, api_key: str) -> Running:
+    """The raw uvloop reference (bench/raw_app.py): what the hot path costs without ASGI."""
+    tmp = tempfile.mkdtemp(prefix="bench-raw-")
+    port = free_port()
+    proc, log = _spawn([sys.executable, "-m", "bench.raw_app", "--port", str(port), "--upstream", upstream,
+                        "--api-key", api_key], tmp)
+    running = Running("raw", port, proc, tmp, log)
     try:
         _wait_port(proc, port, log)
     except Exception:
