@@ -284,8 +284,8 @@ class Bench:
                   duration: float) -> subprocess.Popen[bytes] | None:
         opts = self.options
         largest = max(opts.rate_ns if mode == "rate" else [opts.hold] if mode == "hold" else opts.ns)
-        if (opts.profile is None or system != "gateway" or transport != "sse" or mode != opts.profile_mode
-                or n != largest):
+        if (opts.profile is None or system != "gateway" or transport != opts.transports[0]
+                or mode != opts.profile_mode or n != largest):
             return None
         path, opts.profile = opts.profile, None  # once
         fmt = "raw" if path.endswith(".txt") else "flamegraph"
@@ -383,7 +383,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-plot", action="store_true")
     parser.add_argument("--gateway-source", type=Path, help="run the gateway from another checkout")
     parser.add_argument("--profile", help="py-spy output (.svg flame graph or .txt collapsed stacks) of the "
-                        "gateway's SSE run at the largest N of --profile-mode")
+                        "gateway's run at the largest N of --profile-mode, first of --transports")
     parser.add_argument("--profile-mode", choices=("closed", "rate", "hold"), help="default closed")
     args = parser.parse_args(argv)
 

@@ -14,13 +14,15 @@ import json
 import logging
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Generator
+from typing import Any
 from urllib.parse import parse_qsl
 
 from gateway.admission import Admission, header_map, validate_resource
 from gateway.closes import CLOSE_EVENT, CONTINUITY_LOST_EVENT, INACTIVITY_TIMEOUT, TOKEN_EXPIRED, CloseReason
 from gateway.config import LimitsConfig
 from gateway.errors import GatewayError, LimitError, respond
+from gateway.events import Event
 from gateway.hub import Hub, StreamUnavailable, Subscription
 from gateway.limits import ConnectionLimiter, ExclusiveStreams
 from gateway.logs import new_request_id, request_id
@@ -74,6 +76,8 @@ class SSEStreams:
         self.clock = clock
         self.wall_clock = wall_clock
         self._writes = 0
+        self._pending: list[Callable[[], None]] = []
+        self._flush_scheduled = False
         self._frames = metrics.frames_sent.labels("sse")
         self._poll_path = "/api/v1/{kind}/{id}"
 
@@ -147,10 +151,52 @@ class SSEStreams:
         task = asyncio.current_task()
         assert task is not None
         waiter: asyncio.Future[None] | None = None
+        inflight: _Resume | None = None
+        queued = False
+        told_continuity = False
+        sent = 0
+        events = 0
 
         def wake() -> None:
-            if waiter is not None and not waiter.done():
-                waiter.set_result(None)
+            nonlocal queued
+            if waiter is None or waiter.done():
+                return
+            if inflight is None and not sub.closed and (told_continuity or not sub.continuity_lost):
+                # The pump is parked: deliver from one shared flush per loop iteration instead of
+                # waking this task (no future, no task switch per subscriber per event).
+                if not queued:
+                    queued = True
+                    self._queue(flush)
+                return
+            waiter.set_result(None)
+
+        def flush() -> None:
+            # Runs after every event of the current upstream read was published, so one write
+            # carries all of them. A send that cannot finish at once is completed by the pump.
+            nonlocal inflight, queued, sent, events
+            queued = False
+            if waiter is None or waiter.done():
+                return
+            if inflight is None and not sub.closed and (told_continuity or not sub.continuity_lost):
+                taken = sub.take()
+                if taken is not None:
+                    chunk, batch = taken
+                    sub.last_delivery = sub.last_write = self.clock()
+                    sent += len(chunk)
+                    events += len(batch)
+                    self._delivered(batch)
+                    steps = send({"type": "http.response.body", "body": chunk, "more_body": True}).__await__()
+                    try:
+                        blocked = next(steps)
+                    except StopIteration:
+                        if not sub.topic.ended:
+                            return
+                    except BaseException as exc:  # raised again in the pump task
+                        inflight = _Resume(None, None, exc)
+                    else:
+                        sub.sending_since = self.clock()
+                        inflight = _Resume(steps, blocked)
+            waiter.set_result(None)
 
         aborted = False
 
@@ -165,16 +211,17 @@ class SSEStreams:
         expiry = loop.call_later(max(0.0, expires_at - self.wall_clock()), sub.close, TOKEN_EXPIRED)
         limits = self.limits
         topic = sub.topic
-        sent = 0
-        events = 0
         log.info("stream opened", extra={"transport": "sse", "stream_kind": topic.kind, "resume": after_id is not None})
         try:
             await send({"type": "http.response.start", "status": 200, "headers": _STREAM_HEADERS + cors})
             # Jittered reconnect delay so a gateway restart does not bring every browser back at once.
             first = encode_retry(random.randint(1000, 5000))
             await send({"type": "http.response.body", "body": first, "more_body": True})
-            told_continuity = False
             while True:
+                if inflight is not None:
+                    await inflight
+                    inflight = None
+                    sub.sending_since = 0.0
                 if sub.continuity_lost and not told_continuity:
                     # At the start, or later when a resume that waited for its id learns it is gone.
                     told_continuity = True
@@ -194,10 +241,7 @@ class SSEStreams:
                     sub.last_delivery = sub.last_write = now
                     sent += len(chunk)
                     events += len(batch)
-                    self._frames.inc(len(batch))
-                    self._writes += 1
-                    if self._writes % DELAY_SAMPLE_EVERY == 0:
-                        self.metrics.fanout_delay.observe(self.clock() - batch[-1].received_at)
+                    self._delivered(batch)
                     continue
                 if topic.ended and sub.drained:
                     if topic.end_reason is not None:
@@ -231,6 +275,24 @@ class SSEStreams:
                 await send({"type": "http.response.body", "body": b"", "more_body": False})
         return sent, events
 
+    def _queue(self, flush: Callable[[], None]) -> None:
+        self._pending.append(flush)
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            asyncio.get_running_loop().call_soon(self._flush)
+
+    def _flush(self) -> None:
+        pending, self._pending = self._pending, []
+        self._flush_scheduled = False
+        for flush in pending:
+            flush()
+
+    def _delivered(self, batch: list[Event]) -> None:
+        self._frames.inc(len(batch))
+        self._writes += 1
+        if self._writes % DELAY_SAMPLE_EVERY == 0:
+            self.metrics.fanout_delay.observe(self.clock() - batch[-1].received_at)
+
     def _poll_url(self, sub: Subscription) -> str | None:
         if sub.close_reason is INACTIVITY_TIMEOUT and sub.topic.kind != "optimizations":
             return f"/api/v1/{sub.topic.kind}/{sub.topic.resource_id}"
@@ -239,6 +301,24 @@ class SSEStreams:
 
 def _noop() -> None:
     return None
+
+
+class _Resume:
+    """Completes, inside the pump task, a `send` that a flush started and that had to wait."""
+
+    __slots__ = ("blocked", "error", "steps")
+
+    def __init__(self, steps: Generator[Any, None, None] | None, blocked: Any,
+                 error: BaseException | None = None) -> None:
+        self.steps = steps
+        self.blocked = blocked
+        self.error = error
+
+    def __await__(self) -> Generator[Any, None, None]:
+        if self.error is not None or self.steps is None:
+            raise self.error or RuntimeError("nothing to resume")
+        yield self.blocked  # the future the send waits on (the transport draining)
+        yield from self.steps
 
 
 async def _watch_disconnect(receive: Receive, sub: Subscription) -> None:
