@@ -7,7 +7,8 @@ from pathlib import Path
 from typing import Any
 
 COLUMNS = (("gateway", "sse", "gateway SSE"), ("gateway", "ws", "gateway WS"), ("naive", "sse", "naive Python"),
-           ("nchan", "sse", "nchan"), ("raw", "sse", "raw uvloop, no ASGI"))
+           ("nchan", "sse", "nchan"), ("raw", "sse", "raw uvloop, no ASGI"),
+           ("gateway-redis", "sse", "gateway SSE via Redis"))
 
 
 class Summary:

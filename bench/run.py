@@ -34,7 +34,7 @@ from bench.loadgen import LoadGen, Merged, Target
 
 RESULTS = Path(__file__).resolve().parent / "results"
 SYSTEMS = ("gateway", "naive", "nchan")
-OPTIONAL_SYSTEMS = ("raw",)
+OPTIONAL_SYSTEMS = ("raw", "gateway-redis")
 
 
 @dataclass
@@ -130,8 +130,9 @@ class Bench:
     # --- one run -------------------------------------------------------------------------
 
     def start(self, system: str) -> sut.Running:
-        if system == "gateway":
-            return sut.start_gateway(self.upstream_url, self.api_key, self.secret, self.options.gateway_source)
+        if system in ("gateway", "gateway-redis"):
+            return sut.start_gateway(self.upstream_url, self.api_key, self.secret, self.options.gateway_source,
+                                     redis=system == "gateway-redis")
         if system == "naive":
             return sut.start_naive(self.upstream_url, self.api_key)
         if system == "nchan":
@@ -145,7 +146,7 @@ class Bench:
         if transport == "ws":
             return Target("127.0.0.1", port, "ws", "/ws", f"evaluations/{stream}", self.secret)
         return Target("127.0.0.1", port, "sse", f"/api/v1/evaluations/{stream}/stream", f"evaluations/{stream}",
-                      self.secret if system == "gateway" else None)
+                      self.secret if system.startswith("gateway") else None)
 
     def publish(self, system: str, port: int, stream: str, run: str, mode: str, count: int, duration: float,
                 rate: float = 0.0) -> dict[str, Any]:

@@ -50,6 +50,8 @@ class Running:
     tmp: str
     log: Path
     extra_pids: list[int] = field(default_factory=list)
+    #: Processes this system needs and stops with it (Redis for `gateway-redis`).
+    companions: list[Running] = field(default_factory=list)
 
     @property
     def pids(self) -> list[int]:
@@ -83,6 +85,8 @@ class Running:
         with contextlib.suppress(OSError):
             self.proc.stdout and self.proc.stdout.close()  # type: ignore[func-returns-value]
         shutil.rmtree(self.tmp, ignore_errors=True)
+        for companion in self.companions:
+            companion.stop()
 
     def tail_log(self, lines: int = 20) -> str:
         try:
@@ -115,8 +119,10 @@ def _spawn(args: list[str], tmp: str, pythonpath: Path = REPO) -> tuple[subproce
     return proc, log
 
 
-def gateway_config(port: int, upstream: str, api_key: str, secret: str, replay_buffer: int = 2048) -> str:
-    return f"""\
+def gateway_config(port: int, upstream: str, api_key: str, secret: str, replay_buffer: int = 2048,
+                   redis_url: str | None = None) -> str:
+    broker = f"broker:\n  kind: redis\n  url: {redis_url}\n  key_prefix: 'bench:'\n" if redis_url else ""
+    return broker + f"""\
 server:
   host: 127.0.0.1
   port: {port}
@@ -139,15 +145,40 @@ logging:
 """
 
 
-def start_gateway(upstream: str, api_key: str, secret: str, source: Path = REPO) -> Running:
-    """Start the gateway; `source` may point at a private copy of the repository (profiling experiments)."""
+def start_redis() -> Running:
+    """A throwaway redis-server on a free loopback port (no persistence)."""
+    if shutil.which("redis-server") is None:
+        raise RuntimeError("redis-server is not installed (apt-get install -y redis-server)")
+    tmp = tempfile.mkdtemp(prefix="bench-redis-")
+    port = free_port()
+    proc, log = _spawn(["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+                        "--appendonly", "no"], tmp)
+    running = Running("redis", port, proc, tmp, log)
+    try:
+        _wait_port(proc, port, log)
+    except Exception:
+        running.stop()
+        raise
+    return running
+
+
+def start_gateway(upstream: str, api_key: str, secret: str, source: Path = REPO, redis: bool = False) -> Running:
+    """Start the gateway; `source` may point at a private copy of the repository (profiling experiments).
+
+    With `redis`, the gateway runs in shared mode (`broker.kind: redis`) against its own
+    redis-server, so every event takes the Redis hop (append, then tail) before fan-out.
+    """
     tmp = tempfile.mkdtemp(prefix="bench-gateway-")
     port = free_port()
+    redis_server = start_redis() if redis else None
     config = Path(tmp) / "gateway.yaml"
-    config.write_text(gateway_config(port, upstream, api_key, secret))
+    config.write_text(gateway_config(port, upstream, api_key, secret,
+                                     redis_url=f"redis://127.0.0.1:{redis_server.port}/0" if redis_server else None))
     proc, log = _spawn([sys.executable, "-m", "gateway", "serve", "--config", str(config), "--port", str(port)],
                        tmp, pythonpath=source)
-    running = Running("gateway", port, proc, tmp, log)
+    running = Running("gateway-redis" if redis else "gateway", port, proc, tmp, log,
+                      extra_pids=[redis_server.proc.pid] if redis_server else [],
+                      companions=[redis_server] if redis_server else [])
     try:
         _wait_port(proc, port, log)
         _wait_http_ok(port, "/healthz")

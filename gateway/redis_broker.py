@@ -45,10 +45,22 @@ log = logging.getLogger("gateway.redis")
 
 T = TypeVar("T")
 
+# KEYS: lease, stream. ARGV: holder, maxlen, then per entry its field count and its fields.
+# One call appends a whole batch, so a burst from the upstream reaches the tailers as one read.
 _FENCED_XADD = """
 if redis.call('GET', KEYS[1]) ~= ARGV[1] then return redis.error_reply('FENCED') end
-return redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[2], '*', unpack(ARGV, 3))
+local i = 3
+local count = 0
+while i <= #ARGV do
+  local n = tonumber(ARGV[i])
+  redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[2], '*', unpack(ARGV, i + 1, i + n))
+  i = i + n + 1
+  count = count + 1
+end
+return count
 """
+#: Most entries one fenced append carries.
+MAX_BATCH = 256
 _RENEW = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
 return 0
@@ -153,9 +165,10 @@ class _Sink:
         self.ordinal = ordinal
         self.ended = False
         self.paused = False
-        self._queue: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
-        #: Events appended lately, so a switch to local delivery cannot skip one the tailer had not read yet.
-        self.recent: deque[Event] = deque(maxlen=1024)
+        self._queue: asyncio.Queue[tuple[str, Any, int]] = asyncio.Queue()
+        #: The latest events in upstream order, appended or not yet: a switch to local delivery replays
+        #: what the local topic lacks from here, so it never skips one that was queued or not yet tailed.
+        self.history: deque[Event] = deque(maxlen=4096)
         self._writer = asyncio.get_running_loop().create_task(self._write())
 
     def has_id(self, event_id: str) -> bool:
@@ -168,15 +181,16 @@ class _Sink:
         self.ordinal += 1
         if event.terminal:
             self.ended = True
-        self._queue.put_nowait(("event", event))
+        self.history.append(event)
+        self._queue.put_nowait(("event", event, self.ordinal))
         if not self.session.broker.client.healthy:
-            self.session.publish_locally("event", event, self.recent)
+            self.session.publish_locally(self.history)
 
     def end(self, reason: CloseReason | None = None, detail: str | None = None) -> None:
         if self.ended and reason is None:
             return
         self.ended = True
-        self._queue.put_nowait(("end", (reason, detail)))
+        self._queue.put_nowait(("end", (reason, detail), self.ordinal))
 
     async def _write(self) -> None:
         client = self.session.broker.client
@@ -184,12 +198,17 @@ class _Sink:
         maxlen = str(self.session.broker.limits.replay_buffer)
         backoff = Backoff(0.05, 1.0)
         while True:
-            kind, item = await self._queue.get()
-            fields = _fields(kind, item, self.ordinal)
+            batch = [await self._queue.get()]
+            while not self._queue.empty() and len(batch) < MAX_BATCH:
+                batch.append(self._queue.get_nowait())
+            args = [self.holder, maxlen]
+            for kind, item, ordinal in batch:
+                fields = _fields(kind, item, ordinal)
+                args += [str(len(fields)), *fields]
             while True:
                 try:
-                    await client.call(lambda f=fields: client.fenced_xadd(  # type: ignore[misc]
-                        keys=[keys.lease(self.key), keys.stream(self.key)], args=[self.holder, maxlen, *f]))
+                    await client.call(lambda a=args: client.fenced_xadd(  # type: ignore[misc]
+                        keys=[keys.lease(self.key), keys.stream(self.key)], args=a))
                     backoff.reset()
                     break
                 except ResponseError as exc:
@@ -199,12 +218,16 @@ class _Sink:
                     raise
                 except (RedisError, OSError):
                     # Redis is down: nobody can take the lease over, so serve local subscribers
-                    # directly, and keep this event for the shared log until Redis is back.
-                    self.session.publish_locally(kind, item, self.recent)
+                    # directly, and keep these events for the shared log until Redis is back.
+                    self.session.publish_locally(self.history)
+                    for kind, item, _ordinal in batch:
+                        if kind == "end":
+                            self.session.topic.end(*item)
                     await asyncio.sleep(backoff.next())
-            if kind == "event":
-                self.recent.append(item)
-            if kind == "end" or (kind == "event" and item.terminal):
+            finished = False
+            for kind, item, _ordinal in batch:
+                finished = finished or kind == "end" or (kind == "event" and item.terminal)
+            if finished:
                 await self.session.finish_history()
 
     async def aclose(self) -> None:
@@ -267,17 +290,11 @@ class _Session:
         topic.publish(Event(topic.key, event_id, fields.get("y", "message"), fields.get("d", ""),
                             self.broker.clock()))
 
-    def publish_locally(self, kind: str, item: Any, recent: Iterable[Event] = ()) -> None:
-        """Redis is down: the holder feeds its own subscribers straight from the upstream."""
-        for event in recent:  # appended before the outage but perhaps not tailed yet
+    def publish_locally(self, history: Iterable[Event]) -> None:
+        """Redis is down: the holder feeds its own subscribers straight from the upstream, in order."""
+        for event in history:
             if not _seen(self.topic, event.id):
                 self.topic.publish(event)
-        if kind == "event":
-            if not _seen(self.topic, item.id):
-                self.topic.publish(item)
-        else:
-            reason, detail = item
-            self.topic.end(reason, detail)
 
     # --- the lease ----------------------------------------------------------------------
 

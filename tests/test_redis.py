@@ -236,14 +236,14 @@ async def test_fenced_ex_holder_cannot_write(redis_server: RedisServer) -> None:
     try:
         await client.redis.set(keys.lease("evaluations/x"), "old-holder", px=5000)
         await client.fenced_xadd(keys=[keys.lease("evaluations/x"), keys.stream("evaluations/x")],
-                                 args=["old-holder", "100", "k", "e", "i", "1"])
+                                 args=["old-holder", "100", "4", "k", "e", "i", "1"])
         # The lease expires and a new holder (higher fencing token) takes it.
         await client.redis.set(keys.lease("evaluations/x"), "new-holder")
         from redis.exceptions import ResponseError
 
         with pytest.raises(ResponseError, match="FENCED"):
             await client.fenced_xadd(keys=[keys.lease("evaluations/x"), keys.stream("evaluations/x")],
-                                     args=["old-holder", "100", "k", "e", "i", "2"])
+                                     args=["old-holder", "100", "4", "k", "e", "i", "2"])
         entries = await client.redis.xrange(keys.stream("evaluations/x"))
         assert [fields["i"] for _, fields in entries] == ["1"]
     finally:
