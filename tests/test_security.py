@@ -491,3 +491,32 @@ async def test_websocket_upgrade_from_a_foreign_origin_is_refused(sim: Sim, gate
     async with connect(url, origin="https://app.example.com", additional_headers=bearer(token)) as ws:  # type: ignore[arg-type]
         await ws.send(json.dumps({"type": "ping"}))
         assert json.loads(await ws.recv())["type"] == "pong"
+
+
+def _keypair(kind: str) -> tuple[Any, str]:
+    from cryptography.hazmat.primitives.asymmetric import ec, ed25519
+
+    private: Any
+    if kind == "ES256":
+        private = ec.generate_private_key(ec.SECP256R1())
+    elif kind == "EdDSA":
+        private = ed25519.Ed25519PrivateKey.generate()
+    else:
+        private = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    public = private.public_key().public_bytes(serialization.Encoding.PEM,
+                                               serialization.PublicFormat.SubjectPublicKeyInfo).decode()
+    return private, public
+
+
+@pytest.mark.parametrize("algorithm", ["ES256", "PS256", "EdDSA"])
+async def test_other_public_key_families(sim: Sim, gateway_factory: Any, algorithm: str) -> None:
+    private, public = _keypair(algorithm)
+    gateway = await gateway_factory(auth={"jwt": {"algorithms": [algorithm], "public_key": public}})
+    good = jwt.encode(claims(), private, algorithm=algorithm)
+    assert (await status_of(stream_url(gateway, "evaluations/e-alg"), bearer(good)))[0] == 200
+    other, _ = _keypair(algorithm)
+    forged = jwt.encode(claims(), other, algorithm=algorithm)
+    status, body = await status_of(stream_url(gateway, "evaluations/e-alg"), bearer(forged))
+    assert status == 401 and "signature" in body["error"]["message"]
+    status, body = await status_of(stream_url(gateway, "evaluations/e-alg"), bearer(hs256(claims())))
+    assert status == 401 and "algorithm" in body["error"]["message"]
