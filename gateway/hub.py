@@ -79,32 +79,29 @@ class Subscription:
         """Waiting for its resume id to arrive (the stream is replaying from the start)."""
         return self.resume_id is not None
 
+    def _has_pending(self) -> bool:
+        """Whether events wait after the cursor; a cursor that fell out of the log closes as slow."""
+        if self.resume_id is not None:
+            return False
+        if self.cursor < self.topic.base:
+            self.close(SLOW_CONSUMER)
+            return False
+        return self.cursor < self.topic.head
+
     def take(self) -> tuple[bytes, list[Event]] | None:
         """Every frame after the cursor (up to a bound), advancing it; None if there is nothing."""
-        if self.resume_id is not None:
+        if not self._has_pending():
             return None
-        topic = self.topic
-        if self.cursor < topic.base:
-            self.close(SLOW_CONSUMER)
-            return None
-        if self.cursor >= topic.head:
-            return None
-        chunk, events, end = topic.chunk(self.cursor)
+        chunk, events, end = self.topic.chunk(self.cursor)
         self.cursor = end
         return chunk, events
 
     def take_events(self) -> list[Event] | None:
         """Like `take`, for transports that send one message per event (no joined frames)."""
-        if self.resume_id is not None:
+        if not self._has_pending():
             return None
-        topic = self.topic
-        if self.cursor < topic.base:
-            self.close(SLOW_CONSUMER)
-            return None
-        if self.cursor >= topic.head:
-            return None
-        start = self.cursor - topic.base
-        events = topic.events[start:start + MAX_EVENTS_PER_WRITE]
+        start = self.cursor - self.topic.base
+        events = self.topic.events[start:start + MAX_EVENTS_PER_WRITE]
         self.cursor += len(events)
         return events
 
@@ -168,6 +165,19 @@ class Topic:
         return self.base == 0
 
     def has_id(self, event_id: str) -> bool:
+        return event_id in self._ids
+
+    def already_has(self, event_id: str) -> bool:
+        """Whether an event replayed by a feed after a reconnect was published already.
+
+        Integer ids compare by value (so anything at or before the last id is old news even
+        when it was trimmed from the log); other ids by membership.
+        """
+        last = self.last_id
+        if last is None:
+            return False
+        if event_id.isdigit() and last.isdigit():
+            return int(event_id) <= int(last)
         return event_id in self._ids
 
     def publish(self, event: Event) -> None:

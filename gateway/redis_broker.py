@@ -36,7 +36,7 @@ from redis.exceptions import RedisError, ResponseError
 from gateway.backoff import Backoff
 from gateway.closes import CATALOGUE, SUPERSEDED, UPSTREAM_UNAVAILABLE, CloseReason
 from gateway.config import BrokerConfig, LimitsConfig
-from gateway.events import Event
+from gateway.events import TERMINAL_EVENTS, Event
 from gateway.hub import Subscription, Topic
 from gateway.metrics import Metrics
 from gateway.polling import PollResult
@@ -174,6 +174,13 @@ class _Sink:
     def has_id(self, event_id: str) -> bool:
         return event_id == self.last_id or self.session.topic.has_id(event_id)
 
+    def already_has(self, event_id: str) -> bool:
+        """As `Topic.already_has`, against what this holder has appended."""
+        last = self.last_id
+        if last is not None and event_id.isdigit() and last.isdigit():
+            return int(event_id) <= int(last)
+        return self.has_id(event_id)
+
     def publish(self, event: Event) -> None:
         if self.ended:
             return
@@ -282,7 +289,7 @@ class _Session:
             topic.end(reason or UPSTREAM_UNAVAILABLE if fields.get("c") else None, fields.get("m") or None)
             return
         event_id = fields.get("i", "")
-        if _seen(topic, event_id):
+        if topic.already_has(event_id):
             return
         sent = float(fields.get("t", "0") or 0)
         if sent:
@@ -293,7 +300,7 @@ class _Session:
     def publish_locally(self, history: Iterable[Event]) -> None:
         """Redis is down: the holder feeds its own subscribers straight from the upstream, in order."""
         for event in history:
-            if not _seen(self.topic, event.id):
+            if not self.topic.already_has(event.id):
                 self.topic.publish(event)
 
     # --- the lease ----------------------------------------------------------------------
@@ -333,7 +340,7 @@ class _Session:
         ordinal = 0
         if last:
             fields = last[0][1]
-            if fields.get("k") == "x" or fields.get("y") in _TERMINAL:
+            if fields.get("k") == "x" or fields.get("y") in TERMINAL_EVENTS:
                 await client.call(lambda: client.release(keys=[keys.lease(key)], args=[holder]))
                 return ""
             last_id = fields.get("i") or None
@@ -385,18 +392,6 @@ class _Session:
         if sink is not None:
             self.broker.metrics.leases_held.dec()
             await self._stop_feed(sink, release=True)
-
-
-_TERMINAL = frozenset({"final", "error", "job_complete", "job_failed", "job_cancelled"})
-
-
-def _seen(topic: Topic, event_id: str) -> bool:
-    last = topic.last_id
-    if last is None:
-        return False
-    if event_id.isdigit() and last.isdigit():
-        return int(event_id) <= int(last)
-    return topic.has_id(event_id)
 
 
 class RedisBroker:

@@ -144,7 +144,7 @@ class SSEFeed:
                     if topic.ordinal == 0 or not self.upstream_ids:
                         self.upstream_ids = False
                     event_id = str(topic.ordinal + 1)
-                elif _already_seen(topic, sse.id):
+                elif topic.already_has(sse.id):
                     continue
                 else:
                     event_id = sse.id
@@ -157,15 +157,6 @@ class SSEFeed:
         if decoder.retry is not None:
             self.retry_hint = min(decoder.retry / 1000.0, self.config.backoff_max * 4)
         return published
-
-
-def _already_seen(topic: Topic, event_id: str) -> bool:
-    last = topic.last_id
-    if last is None:
-        return False
-    if event_id.isdigit() and last.isdigit():
-        return int(event_id) <= int(last)
-    return topic.has_id(event_id)
 
 
 class _Retry(Exception):

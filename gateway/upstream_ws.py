@@ -258,7 +258,7 @@ class OptimizationMux:
             log.warning("upstream job event without a usable id or eventType", extra={"stream_kind": KIND})
             return
         event_id = str(raw_id)
-        if _already_published(topic, event_id):
+        if topic.already_has(event_id):
             return
         data = json.dumps(envelope, separators=(",", ":"), ensure_ascii=False)
         topic.publish(Event(topic.key, event_id, event_type, data, self.clock()))
@@ -310,11 +310,3 @@ class OptimizationMux:
                 topic.end(reason, detail)
 
 
-def _already_published(topic: Topic, event_id: str) -> bool:
-    """Replays after a reconnect may overlap what the topic holds; integer ids compare by value."""
-    last = topic.last_id
-    if last is None:
-        return False
-    if event_id.isdigit() and last.isdigit():
-        return int(event_id) <= int(last)
-    return topic.has_id(event_id)
