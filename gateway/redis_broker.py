@@ -220,7 +220,7 @@ class _Sink:
                     break
                 except ResponseError as exc:
                     if "FENCED" in str(exc):
-                        self.session.lost_lease()
+                        self.session.lost_lease(self)
                         return
                     raise
                 except (RedisError, OSError):
@@ -353,8 +353,13 @@ class _Session:
         self.broker.pool.attach(self.sink)
         return holder
 
-    def lost_lease(self) -> None:
-        """Stop feeding (another replica holds the lease, or ours expired)."""
+    def lost_lease(self, sink: _Sink | None = None) -> None:
+        """Stop feeding (another replica holds the lease, or ours expired).
+
+        A writer passes its own sink: a stale writer must not stop a newer lease's feed.
+        """
+        if sink is not None and sink is not self.sink:
+            return
         sink, self.sink = self.sink, None
         if sink is None:
             return
