@@ -180,7 +180,9 @@ class UpstreamPool:
             limits=httpx.Limits(max_connections=None, max_keepalive_connections=32),
             follow_redirects=False,
         )
-        self._tasks: dict[str, asyncio.Task[None]] = {}
+        #: Keyed by the fed object itself: in shared mode a replica can lose and retake a lease, and
+        #: the old feed's teardown must never cancel the new one for the same resource.
+        self._tasks: dict[object, asyncio.Task[None]] = {}
         #: Optimization jobs share one upstream WebSocket instead of a feed each.
         self.mux = OptimizationMux(config, metrics, clock, health=self.health)
 
@@ -189,7 +191,7 @@ class UpstreamPool:
             self.mux.attach(topic)
             return
         task = asyncio.get_running_loop().create_task(self._run(topic), name=f"feed {topic.kind}")
-        self._tasks[topic.key] = task
+        self._tasks[topic] = task
 
     async def _run(self, topic: Topic) -> None:
         # The feed outlives the request that opened it: give its log lines their own id.
@@ -205,14 +207,14 @@ class UpstreamPool:
             log.exception("upstream feed crashed", extra={"stream_kind": topic.kind})
             topic.end(UPSTREAM_UNAVAILABLE, "internal error in the upstream feed")
         finally:
-            if self._tasks.get(topic.key) is asyncio.current_task():
-                del self._tasks[topic.key]
+            if self._tasks.get(topic) is asyncio.current_task():
+                del self._tasks[topic]
 
     async def detach(self, topic: Topic) -> None:
         if topic.kind == "optimizations":
             await self.mux.detach(topic)
             return
-        task = self._tasks.pop(topic.key, None)
+        task = self._tasks.pop(topic, None)
         if task is not None and not task.done():
             task.cancel()
             await asyncio.gather(task, return_exceptions=True)
