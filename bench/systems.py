@@ -200,33 +200,29 @@ def _wait_http_ok(port: int, path: str, timeout: float = 10.0) -> None:
         time.sleep(0.05)
 
 
-def start_naive(upstream: str, api_key: str) -> Running:
-    tmp = tempfile.mkdtemp(prefix="bench-naive-")
+def _start_module(name: str, module: str, upstream: str, api_key: str) -> Running:
+    """Start one of the bench's own Python servers (`python -m MODULE --port --upstream --api-key`)."""
+    tmp = tempfile.mkdtemp(prefix=f"bench-{name}-")
     port = free_port()
-    proc, log = _spawn([sys.executable, "-m", "bench.naive_app", "--port", str(port), "--upstream", upstream,
+    proc, log = _spawn([sys.executable, "-m", module, "--port", str(port), "--upstream", upstream,
                         "--api-key", api_key], tmp)
-    running = Running("naive", port, proc, tmp, log)
+    running = Running(name, port, proc, tmp, log)
     try:
         _wait_port(proc, port, log)
     except Exception:
         running.stop()
         raise
     return running
+
+
+def start_naive(upstream: str, api_key: str) -> Running:
+    """The naive design (bench/naive_app.py): Starlette, one queue per subscriber."""
+    return _start_module("naive", "bench.naive_app", upstream, api_key)
 
 
 def start_raw(upstream: str, api_key: str) -> Running:
     """The raw uvloop reference (bench/raw_app.py): what the hot path costs without ASGI."""
-    tmp = tempfile.mkdtemp(prefix="bench-raw-")
-    port = free_port()
-    proc, log = _spawn([sys.executable, "-m", "bench.raw_app", "--port", str(port), "--upstream", upstream,
-                        "--api-key", api_key], tmp)
-    running = Running("raw", port, proc, tmp, log)
-    try:
-        _wait_port(proc, port, log)
-    except Exception:
-        running.stop()
-        raise
-    return running
+    return _start_module("raw", "bench.raw_app", upstream, api_key)
 
 
 NGINX_CONF = """\
