@@ -385,10 +385,11 @@ class Worker:
         await asyncio.gather(*(open_one(first + i) for i in range(count)))
         if target.transport == "ws":
             # The upgrade answer is not proof of a subscription; wait for the first server message
-            # (the gateway acknowledges a subscribe) or a short grace period.
+            # (the gateway acknowledges a subscribe). Thousands of handshakes on a busy machine can
+            # take longer than a few seconds, so the grace period is the whole ready timeout.
             subs = self.subscribers[first:]
             waits = [asyncio.shield(s.ready) for s in subs]
-            done, _ = await asyncio.wait(waits, timeout=min(ready_timeout, 3.0)) if waits else (set(), set())
+            done, _ = await asyncio.wait(waits, timeout=ready_timeout) if waits else (set(), set())
             for sub in subs:
                 if sub.ready.done():
                     statuses[sub.ready.result()] += 1

@@ -1,8 +1,9 @@
 """Stream events as the hub stores them: encoded once per wire format, then shared.
 
 An `Event` is created once per upstream event. Its SSE frame is built eagerly (every
-stream has SSE subscribers in practice); its WebSocket message is built on first use
-and cached, so a thousand WebSocket subscribers cost one `json` encoding.
+stream has SSE subscribers in practice); its WebSocket message (and that message as a
+ready frame) is built on first use and cached, so a thousand WebSocket subscribers cost
+one `json` encoding.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import json
 import re
 
 from gateway.sse import encode_event
+from gateway.ws_frames import text_frame
 
 #: Stream kinds a browser may open, as they appear in paths and in `<kind>/<id>` names.
 KINDS = ("evaluations", "trace-evaluations", "optimizations")
@@ -28,7 +30,7 @@ def id_json(event_id: str) -> str:
 class Event:
     """One upstream event, owned by one stream."""
 
-    __slots__ = ("_ws", "data", "id", "received_at", "sse", "stream", "type")
+    __slots__ = ("_ws", "_ws_frame", "data", "id", "received_at", "sse", "stream", "type")
 
     def __init__(self, stream: str, id: str, type: str, data: str, received_at: float) -> None:
         self.stream = stream
@@ -38,6 +40,7 @@ class Event:
         self.received_at = received_at
         self.sse = encode_event(data, event=type, id=id)
         self._ws: str | None = None
+        self._ws_frame: bytes | None = None
 
     @property
     def terminal(self) -> bool:
@@ -62,6 +65,13 @@ class Event:
                     + ',"data":' + as_json_text(self.data) + "}}"
                 )
         return self._ws
+
+    @property
+    def ws_frame(self) -> bytes:
+        """`ws` as a complete WebSocket text frame, for sockets written to directly."""
+        if self._ws_frame is None:
+            self._ws_frame = text_frame(self.ws.encode())
+        return self._ws_frame
 
 
 def as_json_text(raw: str) -> str:

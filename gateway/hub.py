@@ -17,11 +17,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import time
 from collections.abc import Callable, Iterable
 from typing import Protocol
 
-from gateway.closes import SHUTTING_DOWN, SLOW_CONSUMER, CloseReason
+from gateway.closes import SHUTTING_DOWN, SLOW_CONSUMER, TOKEN_EXPIRED, CloseReason
 from gateway.config import LimitsConfig
 from gateway.events import Event
 from gateway.metrics import Metrics
@@ -55,7 +56,7 @@ class Subscription:
     """One subscriber's position in one topic."""
 
     __slots__ = (
-        "abort", "close_reason", "closed", "consumer", "continuity_lost", "cursor", "last_delivery",
+        "abort", "close_reason", "closed", "consumer", "continuity_lost", "cursor", "deadline", "last_delivery",
         "last_write", "paused_exempt", "resume_id", "sending_since", "topic", "wake",
     )
 
@@ -72,6 +73,8 @@ class Subscription:
         self.last_delivery = now
         self.last_write = now
         self.sending_since = 0.0
+        #: When the subscriber's credentials expire (hub clock); the sweep closes it as `token_expired`.
+        self.deadline = math.inf
         self.paused_exempt = False
 
     @property
@@ -88,11 +91,11 @@ class Subscription:
             return False
         return self.cursor < self.topic.head
 
-    def take(self) -> tuple[bytes, list[Event]] | None:
+    def take(self, ws: bool = False) -> tuple[bytes, list[Event]] | None:
         """Every frame after the cursor (up to a bound), advancing it; None if there is nothing."""
         if not self._has_pending():
             return None
-        chunk, events, end = self.topic.chunk(self.cursor)
+        chunk, events, end = self.topic.chunk(self.cursor, ws)
         self.cursor = end
         return chunk, events
 
@@ -137,6 +140,7 @@ class Topic:
         self._frames: list[bytes] = []
         self._ids: dict[str, int] = {}
         self._cache: dict[int, tuple[bytes, list[Event], int]] = {}
+        self._ws_cache: dict[int, tuple[bytes, list[Event], int]] = {}
         self._chunk_bytes = chunk_bytes
         self.base = 0
         self.subscribers: set[Subscription] = set()
@@ -194,6 +198,8 @@ class Topic:
             self._trim()
         if self._cache:
             self._cache.clear()
+        if self._ws_cache:
+            self._ws_cache.clear()
         if self.pending:
             self._resolve_pending(event, seq)
         if event.type in PAUSE_EVENTS:
@@ -265,14 +271,15 @@ class Topic:
                 return self.base, "trimmed", False
         return self.base, "unknown", False
 
-    def chunk(self, cursor: int) -> tuple[bytes, list[Event], int]:
-        """The joined frames from `cursor`, shared by every subscriber at the same cursor."""
-        cached = self._cache.get(cursor)
+    def chunk(self, cursor: int, ws: bool = False) -> tuple[bytes, list[Event], int]:
+        """The joined frames from `cursor` (SSE, or WebSocket frames), shared by every subscriber there."""
+        cache = self._ws_cache if ws else self._cache
+        cached = cache.get(cursor)
         if cached is not None:
             return cached
         start = cursor - self.base
         stop = min(len(self.events), start + MAX_EVENTS_PER_WRITE)
-        frames = self._frames[start:stop]
+        frames = [event.ws_frame for event in self.events[start:stop]] if ws else self._frames[start:stop]
         size = 0
         for i, frame in enumerate(frames):
             size += len(frame)
@@ -281,8 +288,37 @@ class Topic:
                 frames = frames[:i]
                 break
         result = (b"".join(frames), self.events[start:stop], self.base + stop)
-        self._cache[cursor] = result
+        cache[cursor] = result
         return result
+
+
+class Flushable(Protocol):
+    def flush(self) -> None: ...
+
+
+class FlushQueue:
+    """Deliveries deferred to one pass per event-loop iteration.
+
+    An idle subscriber's `wake` queues it here instead of waking a task of its own; the pass
+    runs after every event of the current upstream read was published, so one write per
+    subscriber carries all of them, with no future and no task switch per subscriber.
+    """
+
+    def __init__(self) -> None:
+        self._pending: list[Flushable] = []
+        self._scheduled = False
+
+    def add(self, item: Flushable) -> None:
+        self._pending.append(item)
+        if not self._scheduled:
+            self._scheduled = True
+            asyncio.get_running_loop().call_soon(self._run)
+
+    def _run(self) -> None:
+        pending, self._pending = self._pending, []
+        self._scheduled = False
+        for item in pending:
+            item.flush()
 
 
 class Hub:
@@ -373,7 +409,11 @@ class Hub:
             self.metrics.upstream_streams.labels(topic.kind).dec()
 
     def sweep(self) -> None:
-        """Abort subscribers stuck in one write for longer than `limits.send_timeout`."""
+        """Abort subscribers stuck in one write for longer than `limits.send_timeout`; end expired ones.
+
+        One pass a second for every subscriber is cheaper than a timer each (a timer costs
+        more memory than the rest of an idle subscriber).
+        """
         now = self.clock()
         timeout = self.limits.send_timeout
         for topic in list(self.topics.values()):
@@ -381,6 +421,8 @@ class Hub:
                 if sub.sending_since and now - sub.sending_since > timeout:
                     sub.close(SLOW_CONSUMER)
                     sub.abort()
+                elif sub.deadline <= now:
+                    sub.close(TOKEN_EXPIRED)
 
     def tick(self) -> None:
         """Wake every subscriber so idle ones send a heartbeat or notice the inactivity limit."""

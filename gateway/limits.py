@@ -41,23 +41,30 @@ class ConnectionLimiter:
             raise LimitError("too many open streams from this address", retry_after=10,
                              reason="max_connections_per_ip")
 
-    @contextmanager
-    def hold(self, consumer: str, ip: str) -> Iterator[None]:
-        """Count one connection for its lifetime (check first)."""
+    def acquire(self, consumer: str, ip: str) -> None:
+        """Count one open connection (check first); pair with `release`."""
         self.check(consumer, ip)
         self.total += 1
         self.per_consumer[consumer] += 1
         self.per_ip[ip] += 1
+
+    def release(self, consumer: str, ip: str) -> None:
+        self.total -= 1
+        self.per_consumer[consumer] -= 1
+        if self.per_consumer[consumer] <= 0:
+            del self.per_consumer[consumer]
+        self.per_ip[ip] -= 1
+        if self.per_ip[ip] <= 0:
+            del self.per_ip[ip]
+
+    @contextmanager
+    def hold(self, consumer: str, ip: str) -> Iterator[None]:
+        """Count one connection for the duration of the block."""
+        self.acquire(consumer, ip)
         try:
             yield
         finally:
-            self.total -= 1
-            self.per_consumer[consumer] -= 1
-            if self.per_consumer[consumer] <= 0:
-                del self.per_consumer[consumer]
-            self.per_ip[ip] -= 1
-            if self.per_ip[ip] <= 0:
-                del self.per_ip[ip]
+            self.release(consumer, ip)
 
 
 class ClusterExclusive(Protocol):

@@ -15,6 +15,8 @@ from typing import Any
 
 import uvicorn
 
+from gateway.direct import DirectHttpProtocol, DirectWebSocketProtocol
+
 
 def _event_loop_factory() -> Callable[[], asyncio.AbstractEventLoop]:
     try:
@@ -35,17 +37,15 @@ class ManagedServer(uvicorn.Server):
 def make_server(app: Any, host: str, port: int, *, drain_timeout: float = 10.0, log_level: str = "warning",
                 ws_max_size: int = 1 << 16) -> ManagedServer:
     """A uvicorn server tuned for long-lived streams (no access log: URLs may carry tokens)."""
-    try:
-        import httptools  # noqa: F401
-
-        http = "httptools"
-    except ImportError:  # pragma: no cover
-        http = "h11"
     config = uvicorn.Config(
-        app, host=host, port=port, http=http, ws="websockets-sansio", lifespan="on", access_log=False,
+        app, host=host, port=port, http=DirectHttpProtocol, ws=DirectWebSocketProtocol, lifespan="on",
+        access_log=False,
         log_config=None, log_level=log_level, timeout_graceful_shutdown=int(drain_timeout) + 1,
         ws_max_size=ws_max_size, ws_ping_interval=20.0, ws_ping_timeout=20.0, timeout_keep_alive=30,
         backlog=4096,
+        # Event frames are built once and shared by every socket; per-socket compression would
+        # cost CPU and a zlib context per socket for JSON events of a few hundred bytes.
+        ws_per_message_deflate=False,
     )
     return ManagedServer(config)
 

@@ -1,9 +1,12 @@
-"""Browser SSE streams: a raw ASGI endpoint, one coroutine per subscriber.
+"""Browser SSE streams: admitted through ASGI, then driven by callbacks on the socket.
 
-The endpoint bypasses framework response classes on purpose: per subscriber it keeps
-one task (the server's), one tiny disconnect watcher and one `Subscription`. Each
-wake-up writes every pending frame in a single `send`, so the cost per event shrinks
-as load grows. Every close the gateway initiates ends with a `gateway.close` event.
+Admission (token, authorization, limits, the one-stream rule) runs as an ordinary ASGI
+request, so every refusal keeps its normal HTTP response. An admitted stream then has no
+task of its own: the hub's `wake` queues it for one shared flush per loop iteration, and
+the flush writes every pending frame with one write. Under the gateway's uvicorn protocol
+the socket itself is the output (`gateway.direct`), so the bytes the hub joined once go to
+every subscriber as they are; other servers get the same stream over `send`.
+Every close the gateway initiates ends with a `gateway.close` event.
 """
 
 from __future__ import annotations
@@ -14,16 +17,16 @@ import json
 import logging
 import random
 import time
-from collections.abc import Callable, Generator
-from typing import Any
+from collections.abc import Callable
 from urllib.parse import parse_qsl
 
 from gateway.admission import Admission, header_map, validate_resource
-from gateway.closes import CLOSE_EVENT, CONTINUITY_LOST_EVENT, INACTIVITY_TIMEOUT, TOKEN_EXPIRED, CloseReason
+from gateway.closes import CLOSE_EVENT, CONTINUITY_LOST_EVENT, INACTIVITY_TIMEOUT, CloseReason
 from gateway.config import LimitsConfig
+from gateway.direct import Output, Sink, detacher
 from gateway.errors import GatewayError, LimitError, respond
 from gateway.events import Event
-from gateway.hub import Hub, StreamUnavailable, Subscription
+from gateway.hub import FlushQueue, Hub, StreamUnavailable, Subscription
 from gateway.limits import ConnectionLimiter, ExclusiveStreams
 from gateway.logs import new_request_id, request_id
 from gateway.metrics import Metrics
@@ -40,6 +43,8 @@ _STREAM_HEADERS = [
 ]
 #: Observe the fan-out delay on one write in this many (a histogram per write would cost more than the write).
 DELAY_SAMPLE_EVERY = 16
+#: Bytes the `send` fallback buffers before it reports itself paused (the socket's own limit, for direct output).
+FALLBACK_HIGH_WATER = 1 << 16
 
 
 def close_frame(reason: CloseReason, sub: Subscription, detail: str | None = None, **extra: object) -> bytes:
@@ -76,10 +81,8 @@ class SSEStreams:
         self.clock = clock
         self.wall_clock = wall_clock
         self._writes = 0
-        self._pending: list[Callable[[], None]] = []
-        self._flush_scheduled = False
+        self.flushes = FlushQueue()
         self._frames = metrics.frames_sent.labels("sse")
-        self._poll_path = "/api/v1/{kind}/{id}"
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send, kind: str, resource_id: str) -> None:
         token = request_id.set(new_request_id())
@@ -114,178 +117,30 @@ class SSEStreams:
                                               "reason": exc.reason})
             await respond(send, exc, cors)
             return
+        stream: _Stream | None = None
+        ip = admitted.client_ip
         try:
             if after_id is not None and sub.topic.ended and sub.drained and sub.topic.end_reason is None:
                 # Resuming after the terminal event: 204 tells EventSource to stop reconnecting.
                 await send({"type": "http.response.start", "status": 204, "headers": cors})
                 await send({"type": "http.response.body", "body": b""})
                 return
-            with self.limiter.hold(consumer, admitted.client_ip):
-                try:
-                    await self.exclusive.acquire(consumer, resource, sub)
-                except LimitError as exc:  # another replica holds this user's stream (reject policy)
-                    self.metrics.limit_rejections.labels(exc.reason).inc()
-                    await respond(send, exc, cors)
-                    return
-                labels = self.metrics.subscribers.labels("sse", kind)
-                labels.inc()
-                started = self.clock()
-                try:
-                    sent, events = await self._pump(sub, receive, send, cors, admitted.principal.expires_at,
-                                                    after_id)
-                finally:
-                    labels.dec()
-                    self.exclusive.leave(consumer, resource, sub)
-                code = sub.close_reason.code if sub.close_reason else ("client_closed" if sub.closed else "ended")
-                if sub.close_reason is not None:
-                    self.metrics.closes.labels(sub.close_reason.code).inc()
-                log.info("stream closed", extra={
-                    "transport": "sse", "stream_kind": kind, "duration": round(self.clock() - started, 3),
-                    "bytes": sent, "events": events, "close_code": code})
+            self.limiter.acquire(consumer, ip)
+            try:
+                await self.exclusive.acquire(consumer, resource, sub)
+            except BaseException as exc:
+                self.limiter.release(consumer, ip)
+                if not isinstance(exc, LimitError):
+                    raise
+                # Another replica holds this user's stream (reject policy).
+                self.metrics.limit_rejections.labels(exc.reason).inc()
+                await respond(send, exc, cors)
+                return
+            stream = _Stream(self, sub, consumer, ip, resource, admitted.principal.expires_at)
         finally:
-            self.hub.unsubscribe(sub)
-
-    async def _pump(self, sub: Subscription, receive: Receive, send: Send, cors: list[tuple[bytes, bytes]],
-                    expires_at: float, after_id: str | None) -> tuple[int, int]:
-        loop = asyncio.get_running_loop()
-        task = asyncio.current_task()
-        assert task is not None
-        waiter: asyncio.Future[None] | None = None
-        inflight: _Resume | None = None
-        queued = False
-        told_continuity = False
-        sent = 0
-        events = 0
-
-        def wake() -> None:
-            nonlocal queued
-            if waiter is None or waiter.done():
-                return
-            if inflight is None and not sub.closed and (told_continuity or not sub.continuity_lost):
-                # The pump is parked: deliver from one shared flush per loop iteration instead of
-                # waking this task (no future, no task switch per subscriber per event).
-                if not queued:
-                    queued = True
-                    self._queue(flush)
-                return
-            waiter.set_result(None)
-
-        def flush() -> None:
-            # Runs after every event of the current upstream read was published, so one write
-            # carries all of them. A send that cannot finish at once is completed by the pump.
-            nonlocal inflight, queued, sent, events
-            queued = False
-            if waiter is None or waiter.done():
-                return
-            if inflight is None and not sub.closed and (told_continuity or not sub.continuity_lost):
-                taken = sub.take()
-                if taken is not None:
-                    chunk, batch = taken
-                    sub.last_delivery = sub.last_write = self.clock()
-                    sent += len(chunk)
-                    events += len(batch)
-                    self._delivered(batch)
-                    steps = send({"type": "http.response.body", "body": chunk, "more_body": True}).__await__()
-                    try:
-                        blocked = next(steps)
-                    except StopIteration:
-                        if not sub.topic.ended:
-                            return
-                    except BaseException as exc:  # raised again in the pump task
-                        inflight = _Resume(None, None, exc)
-                    else:
-                        sub.sending_since = self.clock()
-                        inflight = _Resume(steps, blocked)
-            waiter.set_result(None)
-
-        aborted = False
-
-        def abort() -> None:
-            nonlocal aborted
-            aborted = True
-            task.cancel()
-
-        sub.wake = wake
-        sub.abort = abort
-        watcher = loop.create_task(_watch_disconnect(receive, sub))
-        expiry = loop.call_later(max(0.0, expires_at - self.wall_clock()), sub.close, TOKEN_EXPIRED)
-        limits = self.limits
-        topic = sub.topic
-        log.info("stream opened", extra={"transport": "sse", "stream_kind": topic.kind, "resume": after_id is not None})
-        try:
-            await send({"type": "http.response.start", "status": 200, "headers": _STREAM_HEADERS + cors})
-            # Jittered reconnect delay so a gateway restart does not bring every browser back at once.
-            first = encode_retry(random.randint(1000, 5000))
-            await send({"type": "http.response.body", "body": first, "more_body": True})
-            while True:
-                if inflight is not None:
-                    await inflight
-                    inflight = None
-                    sub.sending_since = 0.0
-                if sub.continuity_lost and not told_continuity:
-                    # At the start, or later when a resume that waited for its id learns it is gone.
-                    told_continuity = True
-                    await send({"type": "http.response.body", "body": continuity_frame(sub), "more_body": True})
-                if sub.closed:
-                    if sub.close_reason is not None:
-                        frame = close_frame(sub.close_reason, sub, poll=self._poll_url(sub))
-                        await send({"type": "http.response.body", "body": frame, "more_body": True})
-                    break
-                taken = sub.take()
-                if taken is not None:
-                    chunk, batch = taken
-                    now = self.clock()
-                    sub.sending_since = now
-                    await send({"type": "http.response.body", "body": chunk, "more_body": True})
-                    sub.sending_since = 0.0
-                    sub.last_delivery = sub.last_write = now
-                    sent += len(chunk)
-                    events += len(batch)
-                    self._delivered(batch)
-                    continue
-                if topic.ended and sub.drained:
-                    if topic.end_reason is not None:
-                        frame = close_frame(topic.end_reason, sub, detail=topic.end_detail)
-                        self.metrics.closes.labels(topic.end_reason.code).inc()
-                        await send({"type": "http.response.body", "body": frame, "more_body": True})
-                    break
-                now = self.clock()
-                if now - sub.last_delivery >= limits.inactivity_timeout and not topic.paused:
-                    sub.close(INACTIVITY_TIMEOUT)
-                    continue
-                if now - sub.last_write >= limits.heartbeat * 0.9:
-                    sub.last_write = now
-                    await send({"type": "http.response.body", "body": _HEARTBEAT, "more_body": True})
-                waiter = loop.create_future()
-                await waiter
-                waiter = None
-        except asyncio.CancelledError:
-            if not aborted:
-                raise
-            task.uncancel()
-            self.metrics.slow_consumers.inc()
-        finally:
-            sub.wake = _noop
-            expiry.cancel()
-            watcher.cancel()
-        if sub.close_reason is not None and sub.close_reason.code == "slow_consumer" and not aborted:
-            self.metrics.slow_consumers.inc()
-        with contextlib.suppress(Exception):
-            async with asyncio.timeout(1.0):
-                await send({"type": "http.response.body", "body": b"", "more_body": False})
-        return sent, events
-
-    def _queue(self, flush: Callable[[], None]) -> None:
-        self._pending.append(flush)
-        if not self._flush_scheduled:
-            self._flush_scheduled = True
-            asyncio.get_running_loop().call_soon(self._flush)
-
-    def _flush(self) -> None:
-        pending, self._pending = self._pending, []
-        self._flush_scheduled = False
-        for flush in pending:
-            flush()
+            if stream is None:
+                self.hub.unsubscribe(sub)
+        await stream.run(scope, receive, send, _STREAM_HEADERS + cors, after_id)
 
     def _delivered(self, batch: list[Event]) -> None:
         self._frames.inc(len(batch))
@@ -293,40 +148,256 @@ class SSEStreams:
         if self._writes % DELAY_SAMPLE_EVERY == 0:
             self.metrics.fanout_delay.observe(self.clock() - batch[-1].received_at)
 
-    def _poll_url(self, sub: Subscription) -> str | None:
-        if sub.close_reason is INACTIVITY_TIMEOUT and sub.topic.kind != "optimizations":
-            return f"/api/v1/{sub.topic.kind}/{sub.topic.resource_id}"
+
+class _Stream:
+    """One admitted subscriber: its subscription, its output and the state between writes."""
+
+    __slots__ = ("aborted", "consumer", "done", "events", "expires_at", "ip", "out", "owner",
+                 "queued", "resource", "rid", "sent", "started", "sub", "told_continuity")
+
+    def __init__(self, owner: SSEStreams, sub: Subscription, consumer: str, ip: str, resource: str,
+                 expires_at: float) -> None:
+        self.owner = owner
+        self.sub = sub
+        self.consumer = consumer
+        self.ip = ip
+        self.resource = resource
+        self.expires_at = expires_at
+        self.rid = request_id.get()
+        self.out: Output | None = None
+        self.queued = False
+        self.told_continuity = False
+        self.done = False
+        self.aborted = False
+        self.sent = 0
+        self.events = 0
+        self.started = owner.clock()
+
+    async def run(self, scope: Scope, receive: Receive, send: Send, headers: list[tuple[bytes, bytes]],
+                  after_id: str | None) -> None:
+        """Start writing; returns at once on a direct socket, or when the stream ends over `send`."""
+        log.info("stream opened", extra={"transport": "sse", "stream_kind": self.sub.topic.kind,
+                                         "resume": after_id is not None})
+        detach = detacher(scope)
+        out = detach(self, 200, headers) if detach is not None else None
+        if out is not None:
+            self._start(out)
+            return
+        fallback = _SendOutput(self, send, receive)
+        try:
+            self._start(fallback)
+            await fallback.run(headers)
+        finally:
+            self.lost()
+
+    def _start(self, out: Output) -> None:
+        owner = self.owner
+        self.out = out
+        sub = self.sub
+        sub.wake = self.wake
+        sub.abort = self.abort
+        sub.deadline = owner.clock() + max(0.0, self.expires_at - owner.wall_clock())
+        owner.metrics.subscribers.labels("sse", sub.topic.kind).inc()
+        # Jittered reconnect delay so a gateway restart does not bring every browser back at once.
+        out.write(encode_retry(random.randint(1000, 5000)))
+        self.flush()
+
+    # --- the hub's and the socket's callbacks ---------------------------------------
+
+    def wake(self) -> None:
+        if not self.queued and not self.done:
+            self.queued = True
+            self.owner.flushes.add(self)
+
+    def writable(self) -> None:
+        self.sub.sending_since = 0.0
+        self.flush()
+
+    def lost(self) -> None:
+        if not self.done:
+            self.sub.close(None)
+            self._finish()
+
+    def abort(self) -> None:
+        """Stuck in a write for longer than `send_timeout` (the hub's sweep): drop the connection."""
+        if not self.done:
+            self.aborted = True
+            if self.out is not None:
+                self.out.abort()
+            self._finish()
+
+    # --- writing ---------------------------------------------------------------------
+
+    def flush(self) -> None:
+        """Write what is due: continuity signal, pending frames, the goodbye, or a heartbeat."""
+        self.queued = False
+        out = self.out
+        if self.done or out is None:
+            return
+        sub = self.sub
+        owner = self.owner
+        now = owner.clock()
+        if out.paused and not sub.closed:
+            # The socket is full: leave the frames in the shared log until it drains.
+            if not sub.sending_since:
+                sub.sending_since = now
+            return
+        if sub.continuity_lost and not self.told_continuity:
+            # At the start, or later when a resume that waited for its id learns it is gone.
+            self.told_continuity = True
+            out.write(continuity_frame(sub))
+        if not sub.closed:
+            while (taken := sub.take()) is not None:
+                chunk, batch = taken
+                out.write(chunk)
+                sub.last_delivery = sub.last_write = now
+                self.sent += len(chunk)
+                self.events += len(batch)
+                owner._delivered(batch)
+                if out.paused:
+                    if not sub.sending_since:
+                        sub.sending_since = now
+                    return
+        topic = sub.topic
+        if not sub.closed:
+            if topic.ended and sub.drained:
+                if topic.end_reason is not None:
+                    out.write(close_frame(topic.end_reason, sub, detail=topic.end_detail))
+                    owner.metrics.closes.labels(topic.end_reason.code).inc()
+                self._end()
+                return
+            if now - sub.last_delivery >= owner.limits.inactivity_timeout and not topic.paused:
+                sub.close(INACTIVITY_TIMEOUT)
+        if sub.closed:
+            if sub.close_reason is not None:
+                out.write(close_frame(sub.close_reason, sub, poll=self._poll_url()))
+            self._end()
+            return
+        if now - sub.last_write >= owner.limits.heartbeat * 0.9:
+            sub.last_write = now
+            out.write(_HEARTBEAT)
+
+    def _poll_url(self) -> str | None:
+        topic = self.sub.topic
+        if self.sub.close_reason is INACTIVITY_TIMEOUT and topic.kind != "optimizations":
+            return f"/api/v1/{topic.kind}/{topic.resource_id}"
         return None
+
+    def _end(self) -> None:
+        if self.out is not None:
+            self.out.close()
+        self._finish()
+
+    def _finish(self) -> None:
+        """Release everything the stream held, once, however it ended."""
+        if self.done:
+            return
+        self.done = True
+        owner = self.owner
+        sub = self.sub
+        reason = sub.close_reason
+        code = reason.code if reason else ("client_closed" if sub.closed else "ended")
+        sub.wake = _noop
+        sub.abort = _noop
+        if self.out is not None:
+            owner.metrics.subscribers.labels("sse", sub.topic.kind).dec()
+        owner.exclusive.leave(self.consumer, self.resource, sub)
+        owner.limiter.release(self.consumer, self.ip)
+        owner.hub.unsubscribe(sub)
+        if reason is not None:
+            owner.metrics.closes.labels(reason.code).inc()
+        if self.aborted or (reason is not None and reason.code == "slow_consumer"):
+            owner.metrics.slow_consumers.inc()
+        token = request_id.set(self.rid)
+        try:
+            log.info("stream closed", extra={
+                "transport": "sse", "stream_kind": sub.topic.kind, "duration": round(owner.clock() - self.started, 3),
+                "bytes": self.sent, "events": self.events, "close_code": code})
+        finally:
+            request_id.reset(token)
+
+
+class _SendOutput:
+    """The `Output` seam over ASGI `send`, for servers that do not offer `gateway.direct`.
+
+    Writes collect in a buffer that one loop in the request's task sends; the buffer
+    reports itself paused past `FALLBACK_HIGH_WATER`, as a socket would.
+    """
+
+    def __init__(self, sink: Sink, send: Send, receive: Receive) -> None:
+        self._sink = sink
+        self._send = send
+        self._receive = receive
+        self._buffer: list[bytes] = []
+        self._size = 0
+        self._ready = asyncio.Event()
+        self._closing = False
+        self._gone = False
+        self._task: asyncio.Task[object] | None = None
+
+    @property
+    def paused(self) -> bool:
+        return self._size >= FALLBACK_HIGH_WATER
+
+    def write(self, data: bytes) -> None:
+        if data and not self._closing:
+            self._buffer.append(data)
+            self._size += len(data)
+            self._ready.set()
+
+    def close(self) -> None:
+        self._closing = True
+        self._ready.set()
+
+    def abort(self) -> None:
+        self._gone = True
+        self._ready.set()
+        if self._task is not None and self._task is not asyncio.current_task():
+            self._task.cancel()
+
+    async def run(self, headers: list[tuple[bytes, bytes]]) -> None:
+        """Send the head, then whatever is written, until the stream closes or the client leaves."""
+        task = self._task = asyncio.current_task()
+        assert task is not None
+        watcher = asyncio.get_running_loop().create_task(self._watch())
+        try:
+            await self._send({"type": "http.response.start", "status": 200, "headers": headers})
+            while not self._gone:
+                if self._buffer:
+                    was_paused = self.paused
+                    body = b"".join(self._buffer)
+                    self._buffer.clear()
+                    self._size = 0
+                    await self._send({"type": "http.response.body", "body": body, "more_body": True})
+                    if was_paused:
+                        self._sink.writable()
+                elif self._closing:
+                    with contextlib.suppress(Exception):
+                        async with asyncio.timeout(1.0):
+                            await self._send({"type": "http.response.body", "body": b"", "more_body": False})
+                    return
+                else:
+                    await self._ready.wait()
+                    self._ready.clear()
+        except asyncio.CancelledError:
+            if not self._gone:
+                raise
+            task.uncancel()
+        finally:
+            watcher.cancel()
+
+    async def _watch(self) -> None:
+        while True:
+            message = await self._receive()
+            if message["type"] == "http.disconnect":
+                self._gone = True
+                self._ready.set()
+                self._sink.lost()
+                return
 
 
 def _noop() -> None:
     return None
-
-
-class _Resume:
-    """Completes, inside the pump task, a `send` that a flush started and that had to wait."""
-
-    __slots__ = ("blocked", "error", "steps")
-
-    def __init__(self, steps: Generator[Any, None, None] | None, blocked: Any,
-                 error: BaseException | None = None) -> None:
-        self.steps = steps
-        self.blocked = blocked
-        self.error = error
-
-    def __await__(self) -> Generator[Any, None, None]:
-        if self.error is not None or self.steps is None:
-            raise self.error or RuntimeError("nothing to resume")
-        yield self.blocked  # the future the send waits on (the transport draining)
-        yield from self.steps
-
-
-async def _watch_disconnect(receive: Receive, sub: Subscription) -> None:
-    while True:
-        message = await receive()
-        if message["type"] == "http.disconnect":
-            sub.close(None)
-            return
 
 
 def _query_value(scope: Scope, name: str) -> str | None:

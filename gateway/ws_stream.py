@@ -36,8 +36,10 @@ from gateway.closes import (
     CloseReason,
 )
 from gateway.config import LimitsConfig, WebSocketConfig
+from gateway.direct import FrameOutput, frame_output
 from gateway.errors import GatewayError, LimitError
-from gateway.hub import Hub, StreamUnavailable, Subscription
+from gateway.events import Event
+from gateway.hub import FlushQueue, Hub, StreamUnavailable, Subscription
 from gateway.limits import ConnectionLimiter, ExclusiveStreams
 from gateway.logs import new_request_id, request_id
 from gateway.metrics import Metrics
@@ -95,6 +97,7 @@ class WebSocketStreams:
         self.draining = False
         self.frames = metrics.frames_sent.labels("ws")
         self.writes = 0
+        self.flushes = FlushQueue()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         token = request_id.set(new_request_id())
@@ -133,7 +136,7 @@ class WebSocketStreams:
                 await send({"type": "websocket.accept", "subprotocol": subprotocol})
             except OSError:
                 return  # the client left during the handshake
-            connection = WSConnection(self, receive, send, admitted)
+            connection = WSConnection(self, receive, send, admitted, frame_output(scope))
             self.connections.add(connection)
             try:
                 await connection.serve()
@@ -169,10 +172,13 @@ class _Watch:
 class WSConnection:
     """One accepted `/ws` socket: its subscriptions, its reply queue, its reader and its writer."""
 
-    def __init__(self, owner: WebSocketStreams, receive: Receive, send: Send, admitted: Admitted) -> None:
+    def __init__(self, owner: WebSocketStreams, receive: Receive, send: Send, admitted: Admitted,
+                 frames: FrameOutput | None = None) -> None:
         self.owner = owner
         self.receive = receive
         self.send = send
+        #: The socket itself (`gateway.direct`): each wake-up writes a subscription's events as one write.
+        self.frames = frames
         self.admitted = admitted
         self.consumer = admitted.principal.consumer
         self.clock = owner.clock
@@ -185,6 +191,9 @@ class WSConnection:
         self.rate = TokenBucket(config.messages_per_second, config.message_burst, owner.clock)
         self.strikes = TokenBucket(config.message_burst / STRIKE_WINDOW, config.message_burst, owner.clock)
         self._writer: asyncio.Task[None] | None = None
+        #: The writer waits for news; `flush` may then write events without waking it.
+        self._parked = False
+        self._queued = False
         self._aborted = False
         self.events_sent = 0
         self.bytes_sent = 0  # event payload characters (ASCII JSON: bytes)
@@ -285,7 +294,7 @@ class WSConnection:
             return
         watch = _Watch(stream, sub)
         self.subs[stream] = watch
-        sub.wake = self.wake.set
+        sub.wake = self._on_wake
         sub.abort = self._abort
         owner.metrics.subscribers.labels("ws", watch.kind).inc()
         self._reply(proto.subscribed(stream))
@@ -371,6 +380,77 @@ class WSConnection:
 
     # -- writer -----------------------------------------------------------------------------------
 
+    async def _write_frames(self, sub: Subscription, frames: bytes, batch: list[Event]) -> None:
+        """Every pending event of one subscription as one write of their shared, ready-made frames."""
+        output = self.frames
+        assert output is not None
+        if not self._deliver(sub, frames, batch, self.clock()):
+            raise ConnectionResetError("the socket is closing")
+        if output.paused:
+            await self._drain()
+
+    def _deliver(self, sub: Subscription, frames: bytes, batch: list[Event], now: float) -> bool:
+        output = self.frames
+        assert output is not None
+        owner = self.owner
+        if not output.write_frames(frames):
+            return False
+        self.events_sent += len(batch)
+        self.bytes_sent += len(frames)
+        owner.frames.inc(len(batch))
+        sub.last_delivery = sub.last_write = now
+        owner.writes += 1
+        if owner.writes % DELAY_SAMPLE_EVERY == 0:
+            owner.metrics.fanout_delay.observe(now - batch[-1].received_at)
+        return True
+
+    async def _drain(self) -> None:
+        """Wait for a full socket to drain; the hub's sweep cuts it off if it stays full for `send_timeout`."""
+        assert self.frames is not None
+        now = self.clock()
+        for watch in self.subs.values():
+            watch.sub.sending_since = now
+        try:
+            await self.frames.drained()
+        finally:
+            for watch in self.subs.values():
+                watch.sub.sending_since = 0.0
+
+    def _on_wake(self) -> None:
+        """A subscription has news: deliver it from the shared flush if the writer is parked, else wake it."""
+        if self._parked and self.frames is not None and not self.replies and self.close_code is None:
+            if not self._queued:
+                self._queued = True
+                self.owner.flushes.add(self)
+            return
+        self.wake.set()
+
+    def flush(self) -> None:
+        """Write each subscription's new frames while the writer stays parked; anything else wakes it."""
+        self._queued = False
+        frames = self.frames
+        if not self._parked or frames is None or self.replies or self.close_code is not None or frames.paused:
+            self.wake.set()
+            return
+        now = self.clock()
+        inactivity = self.owner.limits.inactivity_timeout
+        for watch in self.subs.values():
+            sub = watch.sub
+            if sub.closed or (sub.continuity_lost and not watch.announced):
+                break
+            taken = sub.take(ws=True)
+            if taken is None:
+                topic = sub.topic
+                if sub.closed or (topic.ended and sub.drained) or (
+                        now - sub.last_delivery >= inactivity and not topic.paused):
+                    break
+                continue
+            if not self._deliver(sub, taken[0], taken[1], now) or frames.paused:
+                break
+        else:
+            return
+        self.wake.set()  # the writer task handles what a flush does not: ends, closes, a full socket
+
     async def _write(self) -> None:
         try:
             await self._pump()
@@ -426,7 +506,15 @@ class WSConnection:
                     self._announce_continuity_lost(watch)
                     busy = True
                     continue
-                batch = sub.take_events()
+                if self.frames is not None:
+                    taken = sub.take(ws=True)
+                    if taken is not None:
+                        await self._write_frames(sub, *taken)
+                        busy = True
+                        continue
+                    batch = None
+                else:
+                    batch = sub.take_events()
                 if batch is not None:
                     sent = 0
                     for event in batch:
@@ -456,6 +544,12 @@ class WSConnection:
                     # A paused job does not count: its browser waits on a human and must see job_resumed.
                     sub.close(INACTIVITY_TIMEOUT)
                     busy = True
-            if not busy and not self.replies and self.close_code is None:
-                await self.wake.wait()
+            if self.frames is not None and self.frames.paused and self.close_code is None:
+                await self._drain()
+            elif not busy and not self.replies and self.close_code is None:
+                self._parked = True
+                try:
+                    await self.wake.wait()
+                finally:
+                    self._parked = False
 

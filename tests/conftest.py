@@ -18,7 +18,7 @@ from gateway.app import GatewayApp, create_app
 from gateway.auth import mint_token
 from gateway.config import GatewayConfig, parse_config
 from gateway.sim import SimSettings, create_sim_app
-from tests.servers import serve
+from tests.servers import serve, server_protocols
 
 API_KEY = "ll_test_" + "k" * 24
 SECRET = "s" * 48
@@ -110,10 +110,11 @@ class Gateway:
 async def gateway_factory(sim: Sim) -> AsyncIterator[Callable[..., Any]]:
     stack: list[Any] = []
 
-    async def start(sim_url: str | None = None, **overrides: Any) -> Gateway:
+    async def start(sim_url: str | None = None, direct: bool = True, **overrides: Any) -> Gateway:
+        """A gateway on the production protocols (`direct=False`: plain uvicorn, streams write through `send`)."""
         config = gateway_config(sim_url or sim.url, **overrides)
         app = create_app(config, registry=CollectorRegistry())
-        cm = serve(app, timeout_graceful_shutdown=2)
+        cm = serve(app, timeout_graceful_shutdown=2, **server_protocols(direct))
         url = await cm.__aenter__()
         stack.append(cm)
         return Gateway(url, app, config)

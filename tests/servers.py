@@ -14,6 +14,8 @@ from typing import Any
 
 import uvicorn
 
+from gateway.direct import DirectHttpProtocol, DirectWebSocketProtocol
+
 
 async def wait_for(predicate: Callable[[], bool | Awaitable[bool]], timeout: float = 10.0, interval: float = 0.01,
                    message: str = "condition") -> None:
@@ -59,6 +61,13 @@ async def serve(app: Any, **config: Any) -> AsyncIterator[str]:
             await asyncio.wait_for(task, timeout=15)
         except TimeoutError:
             task.cancel()
+
+
+def server_protocols(direct: bool = True) -> dict[str, Any]:
+    """uvicorn options: the gateway's own protocols (as `gateway serve` runs), or uvicorn's stock ones."""
+    if direct:
+        return {"http": DirectHttpProtocol, "ws": DirectWebSocketProtocol, "ws_per_message_deflate": False}
+    return {"http": "h11", "ws": "websockets-sansio"}
 
 
 def free_port() -> int:

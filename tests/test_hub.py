@@ -6,7 +6,7 @@ from typing import Any
 
 import pytest
 
-from gateway.closes import SHUTTING_DOWN, SLOW_CONSUMER, UPSTREAM_FAILED
+from gateway.closes import SHUTTING_DOWN, SLOW_CONSUMER, TOKEN_EXPIRED, UPSTREAM_FAILED
 from gateway.config import LimitsConfig
 from gateway.events import Event
 from gateway.hub import MAX_EVENTS_PER_WRITE, Hub, StreamUnavailable, Subscription, Topic
@@ -401,6 +401,17 @@ class TestHubTopics:
         assert aborted == [stuck]
         assert stuck.close_reason is SLOW_CONSUMER
         assert not sending.closed and not idle.closed
+
+    async def test_sweep_ends_subscribers_whose_credentials_expired(self) -> None:
+        hub, _, _, clock = make_hub()
+        expiring, later, forever = hub.subscribe(KEY), hub.subscribe(KEY), hub.subscribe(KEY)
+        expiring.deadline = clock.now + 5
+        later.deadline = clock.now + 50
+        woke = woken(expiring)
+        clock.now += 5
+        hub.sweep()
+        assert expiring.closed and expiring.close_reason is TOKEN_EXPIRED and woke == [1]
+        assert not later.closed and not forever.closed
 
 
 class TestLinger:

@@ -29,10 +29,11 @@ def _first_index(client: Client, kind: str, stream: str) -> int:
     return next(i for i, m in enumerate(client.messages) if m["type"] == kind and m.get("stream") == stream)
 
 
+@pytest.mark.parametrize("direct", [True, False], ids=["direct", "send"])
 async def test_one_socket_watches_an_evaluation_and_two_jobs(sim_factory: Callable[..., Any],
-                                                             gateway_factory: Callable[..., Any]) -> None:
+                                                             gateway_factory: Callable[..., Any], direct: bool) -> None:
     sim: Sim = await sim_factory(job_interval=0.01, iterations=3, rows=5)
-    gateway: Gateway = await gateway_factory(sim.url)
+    gateway: Gateway = await gateway_factory(sim.url, direct=direct)
     streams = ["evaluations/e-multi", "optimizations/j-multi-a", "optimizations/j-multi-b"]
     async with ws_client(gateway) as client:
         assert client.ws.subprotocol == "gateway.v1"
@@ -275,10 +276,12 @@ async def test_drain_closes_every_socket_with_4000(sim: Sim, gateway: Gateway) -
     assert refused.value.response.status_code == 503
 
 
-async def test_slow_client_is_closed_with_4001_without_slowing_a_fast_one(sim: Sim) -> None:
+@pytest.mark.parametrize("direct", [True, False], ids=["direct", "send"])
+async def test_slow_client_is_closed_with_4001_without_slowing_a_fast_one(sim: Sim, direct: bool) -> None:
     stream = "optimizations/j-ws-slow"
     await sim.post("/_sim/configure", {"resource": stream, "iterations": 1200, "interval": 0})
-    async with gateway_with_small_send_buffers(sim.url, limits={"send_timeout": 0.3, "heartbeat": 0.2}) as gateway, \
+    async with gateway_with_small_send_buffers(sim.url, direct=direct,
+                                               limits={"send_timeout": 0.3, "heartbeat": 0.2}) as gateway, \
             ws_client(gateway, "fast") as fast, RawClient(ws_url(gateway), gateway.token("slow")) as slow:
         await slow.send(type="subscribe", stream=stream)
         await fast.subscribe(stream)

@@ -25,7 +25,7 @@ from websockets.uri import parse_uri
 
 from gateway.app import create_app
 from tests.conftest import Gateway, gateway_config
-from tests.servers import _QuietServer, wait_for
+from tests.servers import _QuietServer, server_protocols, wait_for
 
 Message = dict[str, Any]
 
@@ -177,7 +177,7 @@ class RawClient:
 
 
 @contextlib.asynccontextmanager
-async def gateway_with_small_send_buffers(sim_url: str, send_buffer: int = 8192,
+async def gateway_with_small_send_buffers(sim_url: str, send_buffer: int = 8192, direct: bool = True,
                                           **overrides: Any) -> AsyncIterator[Gateway]:
     """A gateway whose accepted sockets have a small, fixed kernel send buffer.
 
@@ -191,7 +191,7 @@ async def gateway_with_small_send_buffers(sim_url: str, send_buffer: int = 8192,
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, send_buffer)
     sock.bind(("127.0.0.1", 0))
     server = _QuietServer(uvicorn.Config(app, lifespan="on", log_level="warning", access_log=False,
-                                         timeout_graceful_shutdown=2))
+                                         timeout_graceful_shutdown=2, **server_protocols(direct)))
     task = asyncio.create_task(server.serve(sockets=[sock]))
     try:
         await wait_for(lambda: server.started or task.done(), message="gateway start")
