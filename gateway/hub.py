@@ -225,6 +225,25 @@ class Topic:
         for sub in self.subscribers:
             sub.wake()
 
+    def lose_continuity(self, reason: str = "trimmed") -> None:
+        """The feed cannot deliver some events before the next one (they are gone for good).
+
+        Nobody may resume across the hole, so the retained history is dropped as if trimmed, and
+        every subscriber is told (`continuity_lost`) before the next event; pending ones resolve on it.
+        """
+        for event in self.events:
+            self._ids.pop(event.id, None)
+        self.base = self.head
+        self.events.clear()
+        self._frames.clear()
+        self._cache.clear()
+        self._ws_cache.clear()
+        for sub in self.subscribers:
+            if sub.resume_id is None:
+                sub.cursor = self.head
+                sub.continuity_lost = reason
+                sub.wake()
+
     def _lose_pending(self) -> None:
         """The stream is over and the ids they wait for never came: they get the history instead."""
         for sub in self.pending:
@@ -266,9 +285,12 @@ class Topic:
         if self.from_origin and not self.ended:
             return self.base, None, True
         if not self.from_origin and self.events:
-            first = self.events[0].id
+            first, last = self.events[0].id, self.events[-1].id
             if after_id.isdigit() and first.isdigit() and int(after_id) < int(first):
                 return self.base, "trimmed", False
+            if after_id.isdigit() and last.isdigit() and int(after_id) > int(last) and not self.ended:
+                # Ahead of this log (a replica that lags the one the client came from): wait for it.
+                return self.head, None, True
         return self.base, "unknown", False
 
     def chunk(self, cursor: int, ws: bool = False) -> tuple[bytes, list[Event], int]:

@@ -4,7 +4,10 @@ Per resource with local subscribers, every replica runs a `_Session`:
 
 * a **tailer** that reads the resource's Redis Stream once (history first, then live) and
   publishes into the local topic, so the in-process hub stays the fan-out hot path and
-  event ids are the same on every replica;
+  event ids are the same on every replica. An entry's Redis id is its event's position in
+  the resource's sequence (`<ordinal>-0`), not a clock reading, so a replica resumes reading
+  where its topic is, whatever Redis lost or re-received meanwhile; a hole it cannot fill
+  (entries trimmed before it read them) reaches its subscribers as `continuity_lost`;
 * a **lease loop**: the replica that holds `lease:<resource>` (SET NX PX, renewed at a
   third of its TTL) runs the upstream feed. Its value carries a fencing token (INCR) and a
   nonce; every append is a Lua script that checks the value first, so a holder that lost
@@ -13,8 +16,12 @@ Per resource with local subscribers, every replica runs a `_Session`:
 
 When Redis is unreachable nobody can take a lease over, so a holder keeps its upstream
 feed and publishes to its own subscribers directly; when Redis returns it either renews
-its lease or, if another replica has it, stops. The upstream's own one-stream rule (409)
-guards the overlap of a network partition; the feed backs off on 409 until it clears.
+its lease or, if another replica has it, stops. A Redis that comes back empty (no
+persistence) gets its log back from the next holder: it first appends the events its own
+topic holds beyond the stream's end, then resumes upstream after them, so the events only
+the old holder's browsers saw during the outage, or that a replica had not tailed yet, reach
+every replica. The upstream's own one-stream rule (409) guards the overlap of a network
+partition; the feed backs off on 409 until it clears.
 """
 
 from __future__ import annotations
@@ -24,6 +31,7 @@ import base64
 import contextlib
 import json
 import logging
+import re
 import secrets
 import time
 from collections import deque
@@ -45,22 +53,42 @@ log = logging.getLogger("gateway.redis")
 
 T = TypeVar("T")
 
-# KEYS: lease, stream. ARGV: holder, maxlen, then per entry its field count and its fields.
-# One call appends a whole batch, so a burst from the upstream reaches the tailers as one read.
+# KEYS: lease, stream. ARGV: holder, maxlen, refuse_gap, then per entry its id, its field count and
+# its fields. One call appends a whole batch, so a burst from the upstream reaches the tailers as one
+# read. An entry at or below the stream's last id is already there (a batch resent after its reply was
+# lost, or history a new holder restores): it is skipped, so appending is idempotent. With refuse_gap
+# set, a batch that would leave a hole after the stream's last entry (Redis lost acknowledged entries)
+# is refused with `BEHIND <last ordinal>`, so the holder can put back what it has first.
 _FENCED_XADD = """
 if redis.call('GET', KEYS[1]) ~= ARGV[1] then return redis.error_reply('FENCED') end
-local i = 3
+if ARGV[3] == '1' and ARGV[4] then
+  local top = redis.call('XREVRANGE', KEYS[2], '+', '-', 'COUNT', 1)
+  local last = 0
+  if top[1] then last = tonumber(string.match(top[1][1], '^(%d+)')) end
+  local ordinal, seq = string.match(ARGV[4], '^(%d+)-(%d+)$')
+  local needs = tonumber(ordinal) - 1
+  if seq == '1' then needs = needs + 1 end
+  if needs > last then return redis.error_reply('BEHIND ' .. last) end
+end
+local i = 4
 local count = 0
 while i <= #ARGV do
-  local n = tonumber(ARGV[i])
-  redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[2], '*', unpack(ARGV, i + 1, i + n))
-  i = i + n + 1
-  count = count + 1
+  local n = tonumber(ARGV[i + 1])
+  local added = redis.pcall('XADD', KEYS[2], 'MAXLEN', '~', ARGV[2], ARGV[i], unpack(ARGV, i + 2, i + n + 1))
+  if type(added) == 'table' and added.err then
+    if not string.find(added.err, 'equal or smaller', 1, true) then return added end
+  else
+    count = count + 1
+  end
+  i = i + n + 2
 end
 return count
 """
 #: Most entries one fenced append carries.
 MAX_BATCH = 256
+#: Longest a tailer's XREAD blocks (ms): well under the client's socket timeout (at least 2 s),
+#: so an idle stream never looks like a dead Redis.
+TAIL_BLOCK_MS = 1000
 _RENEW = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
 return 0
@@ -70,6 +98,7 @@ if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) 
 return 0
 """
 _REASONS = {reason.code: reason for reason in CATALOGUE}
+_BEHIND = re.compile(r"BEHIND (\d+)")
 
 
 class Fenced(Exception):
@@ -83,7 +112,8 @@ class Keys:
         self.prefix = prefix
 
     def stream(self, resource: str) -> str:
-        return f"{self.prefix}stream:{resource}"
+        # `log:`, not the earlier builds' `stream:`: their entry ids were clock readings, these are positions.
+        return f"{self.prefix}log:{resource}"
 
     def lease(self, resource: str) -> str:
         return f"{self.prefix}lease:{resource}"
@@ -149,14 +179,33 @@ class RedisClient:
         await self.redis.aclose()
 
 
+def event_entry_id(ordinal: int) -> str:
+    """The Redis id of the event at `ordinal` (1-based position in its resource's sequence)."""
+    return f"{ordinal}-0"
+
+
+def end_entry_id(ordinal: int) -> str:
+    """The Redis id of the end that follows the event at `ordinal` (0: before any event)."""
+    return f"{ordinal}-1"
+
+
+def entry_ordinal(entry_id: str) -> int:
+    """The position an entry id stands for (its millisecond part)."""
+    head, _, _ = entry_id.partition("-")
+    return int(head) if head.isdigit() else 0
+
+
 class _Sink:
     """What the upstream feed writes to on the holder: fenced appends to the Redis Stream.
 
     It looks like a topic to the feed (last id, ordinal, publish, end) and keeps the
-    upstream's order with a single writer task behind a queue.
+    upstream's order with a single writer task behind a queue. `backlog` is what the
+    holder's own topic has beyond the stream's end (after Redis lost its data): it is
+    appended first, so the shared log never misses what any replica may lack.
     """
 
-    def __init__(self, session: _Session, holder: str, last_id: str | None, ordinal: int) -> None:
+    def __init__(self, session: _Session, holder: str, last_id: str | None, ordinal: int,
+                 backlog: Iterable[tuple[int, Event]] = ()) -> None:
         topic = session.topic
         self.session = session
         self.key, self.kind, self.resource_id = topic.key, topic.kind, topic.resource_id
@@ -166,9 +215,11 @@ class _Sink:
         self.ended = False
         self.paused = False
         self._queue: asyncio.Queue[tuple[str, Any, int]] = asyncio.Queue()
-        #: The latest events in upstream order, appended or not yet: a switch to local delivery replays
-        #: what the local topic lacks from here, so it never skips one that was queued or not yet tailed.
-        self.history: deque[Event] = deque(maxlen=4096)
+        for backlog_ordinal, event in backlog:
+            self._queue.put_nowait(("event", event, backlog_ordinal))
+        #: The latest events in upstream order with their ordinals, appended or not yet: a switch to local
+        #: delivery replays what the local topic lacks from here, so it never skips one queued or not yet tailed.
+        self.history: deque[tuple[int, Event]] = deque(maxlen=session.broker.limits.replay_buffer)
         self._writer = asyncio.get_running_loop().create_task(self._write())
 
     def has_id(self, event_id: str) -> bool:
@@ -188,7 +239,7 @@ class _Sink:
         self.ordinal += 1
         if event.terminal:
             self.ended = True
-        self.history.append(event)
+        self.history.append((self.ordinal, event))
         self._queue.put_nowait(("event", event, self.ordinal))
         if not self.session.broker.client.healthy:
             self.session.publish_locally(self.history)
@@ -208,27 +259,37 @@ class _Sink:
             batch = [await self._queue.get()]
             while not self._queue.empty() and len(batch) < MAX_BATCH:
                 batch.append(self._queue.get_nowait())
-            args = [self.holder, maxlen]
-            for kind, item, ordinal in batch:
-                fields = _fields(kind, item, ordinal)
-                args += [str(len(fields)), *fields]
+            refuse_gap = True
             while True:
+                args = [self.holder, maxlen, "1" if refuse_gap else "0"]
+                for kind, item, ordinal in batch:
+                    fields = _fields(kind, item)
+                    args += [event_entry_id(ordinal) if kind == "event" else end_entry_id(ordinal),
+                             str(len(fields)), *fields]
                 try:
                     await client.call(lambda a=args: client.fenced_xadd(  # type: ignore[misc]
                         keys=[keys.lease(self.key), keys.stream(self.key)], args=a))
                     backoff.reset()
                     break
-                except ResponseError as exc:
-                    if "FENCED" in str(exc):
+                except (RedisError, OSError) as exc:
+                    if isinstance(exc, ResponseError) and "FENCED" in str(exc):
                         self.session.lost_lease(self)
                         return
-                    raise
-                except (RedisError, OSError):
+                    behind = _BEHIND.search(str(exc)) if isinstance(exc, ResponseError) else None
+                    if behind is not None:
+                        # Redis lost entries it had acknowledged (it restarted from an older snapshot):
+                        # put back what this replica still has, then append anyway.
+                        kind, _item, first = batch[0]
+                        batch = self._missing(int(behind.group(1)), first - 1 if kind == "event" else first) + batch
+                        refuse_gap = False
+                        continue
+                    if isinstance(exc, ResponseError):
+                        log.warning("redis refused an append; retrying", extra={"error": str(exc)[:200]})
                     # Redis is down: nobody can take the lease over, so serve local subscribers
                     # directly, and keep these events for the shared log until Redis is back.
                     self.session.publish_locally(self.history)
-                    for kind, item, _ordinal in batch:
-                        if kind == "end":
+                    for kind, item, ordinal in batch:
+                        if kind == "end" and ordinal <= self.session.ordinal:
                             self.session.topic.end(*item)
                     await asyncio.sleep(backoff.next())
             finished = False
@@ -237,16 +298,21 @@ class _Sink:
             if finished:
                 await self.session.finish_history()
 
+    def _missing(self, last: int, before: int) -> list[tuple[str, Any, int]]:
+        """What this replica holds between the stream's last entry and `before` (inclusive)."""
+        held = dict(self.session.retained)
+        held.update(self.history)
+        return [("event", held[ordinal], ordinal) for ordinal in range(last + 1, before + 1) if ordinal in held]
+
     async def aclose(self) -> None:
         self._writer.cancel()
         await asyncio.gather(self._writer, return_exceptions=True)
 
 
-def _fields(kind: str, item: Any, ordinal: int) -> list[str]:
+def _fields(kind: str, item: Any) -> list[str]:
     if kind == "event":
         event: Event = item
-        return ["k", "e", "i", event.id, "y", event.type, "d", event.data, "t", repr(time.time()),
-                "o", str(ordinal)]
+        return ["k", "e", "i", event.id, "y", event.type, "d", event.data, "t", repr(time.time())]
     reason, detail = item
     return ["k", "x", "c", reason.code if reason else "", "m", detail or "", "t", repr(time.time())]
 
@@ -258,6 +324,10 @@ class _Session:
         self.broker = broker
         self.topic = topic
         self.sink: _Sink | None = None
+        #: Position (in the resource's sequence) of the last event published into the local topic.
+        self.ordinal = 0
+        #: What the local topic retains, with positions: a new holder restores it to a Redis that lost it.
+        self.retained: deque[tuple[int, Event]] = deque(maxlen=broker.limits.replay_buffer)
         loop = asyncio.get_running_loop()
         self.tasks = [loop.create_task(self._tail(), name=f"tail {topic.kind}"),
                       loop.create_task(self._lease_loop(), name=f"lease {topic.kind}")]
@@ -267,41 +337,84 @@ class _Session:
     async def _tail(self) -> None:
         client = self.broker.client
         stream = client.keys.stream(self.topic.key)
-        last = "0-0"
         backoff = Backoff(0.1, 2.0)
         while not self.topic.ended:
+            # Read after where the local topic is (not after the last entry read): events the
+            # holder published here directly while Redis was away are not read twice, and a
+            # stream that Redis lost and the next holder refilled is read from the right place.
+            after = event_entry_id(self.ordinal)
             try:
-                reply: Any = await client.call(lambda s=last: client.redis.xread(  # type: ignore[misc]
-                    {stream: s}, count=1000, block=2000))
+                reply: Any = await client.call(lambda s=after: client.redis.xread(  # type: ignore[misc]
+                    {stream: s}, count=1000, block=TAIL_BLOCK_MS))
             except (RedisError, OSError):
                 await asyncio.sleep(backoff.next())
                 continue
             backoff.reset()
             for _name, entries in reply or ():
                 for entry_id, fields in entries:
-                    last = entry_id
-                    self._apply(fields)
+                    if self.topic.ended:
+                        break
+                    self._apply(entry_ordinal(entry_id), fields)
 
-    def _apply(self, fields: dict[str, str]) -> None:
+    def _apply(self, ordinal: int, fields: dict[str, str]) -> None:
         topic = self.topic
         if fields.get("k") == "x":
             reason = _REASONS.get(fields.get("c", ""))
             topic.end(reason or UPSTREAM_UNAVAILABLE if fields.get("c") else None, fields.get("m") or None)
             return
-        event_id = fields.get("i", "")
-        if topic.already_has(event_id):
+        if ordinal <= self.ordinal:
             return
         sent = float(fields.get("t", "0") or 0)
         if sent:
             self.broker.metrics.tail_lag.observe(max(0.0, time.time() - sent))
-        topic.publish(Event(topic.key, event_id, fields.get("y", "message"), fields.get("d", ""),
-                            self.broker.clock()))
+        self._deliver(ordinal, Event(topic.key, fields.get("i", ""), fields.get("y", "message"),
+                                     fields.get("d", ""), self.broker.clock()))
 
-    def publish_locally(self, history: Iterable[Event]) -> None:
-        """Redis is down: the holder feeds its own subscribers straight from the upstream, in order."""
-        for event in history:
-            if not self.topic.already_has(event.id):
-                self.topic.publish(event)
+    def publish_locally(self, history: deque[tuple[int, Event]]) -> None:
+        """Redis is down: the holder feeds its own subscribers straight from the upstream, in order.
+
+        Only what follows the local topic without a hole: anything before it is in Redis, and the
+        tailer delivers it (then the rest) when Redis is back.
+        """
+        for ordinal, event in self._newer(history):
+            if ordinal != self.ordinal + 1:
+                return
+            self._publish(ordinal, event)
+
+    def _newer(self, history: deque[tuple[int, Event]]) -> list[tuple[int, Event]]:
+        """The entries of `history` past the local topic's position, oldest first."""
+        newer: list[tuple[int, Event]] = []
+        for entry in reversed(history):
+            if entry[0] <= self.ordinal:
+                break
+            newer.append(entry)
+        newer.reverse()
+        return newer
+
+    def _deliver(self, ordinal: int, event: Event) -> None:
+        """Publish the event at `ordinal` into the local topic: each position once, in order."""
+        if self.ordinal and ordinal > self.ordinal + 1:
+            if self.sink is not None:
+                # A holder's tailer that fell behind the trimmed stream still has the events itself.
+                for held_ordinal, held in self._newer(self.sink.history):
+                    if held_ordinal >= ordinal or held_ordinal != self.ordinal + 1:
+                        break
+                    self._publish(held_ordinal, held)
+            if ordinal > self.ordinal + 1:
+                # The stream no longer has the events in between, and nobody else can give them:
+                # subscribers are told, and nobody may resume across the hole.
+                log.warning("stream continuity lost", extra={
+                    "stream_kind": self.topic.kind, "missing": ordinal - self.ordinal - 1})
+                self.retained.clear()
+                self.topic.lose_continuity("trimmed")
+        self._publish(ordinal, event)
+
+    def _publish(self, ordinal: int, event: Event) -> None:
+        self.ordinal = ordinal
+        if self.topic.already_has(event.id):
+            return
+        self.retained.append((ordinal, event))
+        self.topic.publish(event)
 
     # --- the lease ----------------------------------------------------------------------
 
@@ -339,16 +452,22 @@ class _Session:
         last_id: str | None = None
         ordinal = 0
         if last:
-            fields = last[0][1]
+            entry_id, fields = last[0]
             if fields.get("k") == "x" or fields.get("y") in TERMINAL_EVENTS:
                 await client.call(lambda: client.release(keys=[keys.lease(key)], args=[holder]))
                 return ""
             last_id = fields.get("i") or None
-            ordinal = int(fields.get("o", "0") or 0)
+            ordinal = entry_ordinal(entry_id)
             self.broker.metrics.lease_takeovers.inc()
+        # Redis may have lost the stream (a restart without persistence) while this replica's topic
+        # holds more: put that back first (other replicas may lack it: the old holder's direct
+        # deliveries, entries not tailed yet), then resume upstream after it.
+        backlog = [(held, event) for held, event in self.retained if held > ordinal]
+        if backlog:
+            ordinal, last_id = backlog[-1][0], backlog[-1][1].id
         log.info("lease acquired", extra={"stream_kind": self.topic.kind, "fence": fence,
-                                          "resume": last_id is not None})
-        self.sink = _Sink(self, holder, last_id, ordinal)
+                                          "resume": last_id is not None, "restored": len(backlog)})
+        self.sink = _Sink(self, holder, last_id, ordinal, backlog)
         self.broker.metrics.leases_held.inc()
         self.broker.pool.attach(self.sink)
         return holder

@@ -153,7 +153,7 @@ class _Stream:
     """One admitted subscriber: its subscription, its output and the state between writes."""
 
     __slots__ = ("aborted", "consumer", "done", "events", "expires_at", "ip", "out", "owner",
-                 "queued", "resource", "rid", "sent", "started", "sub", "told_continuity")
+                 "queued", "resource", "rid", "sent", "started", "sub")
 
     def __init__(self, owner: SSEStreams, sub: Subscription, consumer: str, ip: str, resource: str,
                  expires_at: float) -> None:
@@ -166,7 +166,6 @@ class _Stream:
         self.rid = request_id.get()
         self.out: Output | None = None
         self.queued = False
-        self.told_continuity = False
         self.done = False
         self.aborted = False
         self.sent = 0
@@ -242,10 +241,11 @@ class _Stream:
             if not sub.sending_since:
                 sub.sending_since = now
             return
-        if sub.continuity_lost and not self.told_continuity:
-            # At the start, or later when a resume that waited for its id learns it is gone.
-            self.told_continuity = True
+        if sub.continuity_lost:
+            # At the start, or later: a resume that waited for its id learns it is gone, or the
+            # feed could not deliver some events (each such hole is told once, where it is).
             out.write(continuity_frame(sub))
+            sub.continuity_lost = None
         if not sub.closed:
             while (taken := sub.take()) is not None:
                 chunk, batch = taken

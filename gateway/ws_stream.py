@@ -160,13 +160,12 @@ async def _deny(scope: Scope, send: Send, exc: GatewayError) -> None:
 class _Watch:
     """One subscription on one socket."""
 
-    __slots__ = ("announced", "kind", "stream", "sub")
+    __slots__ = ("kind", "stream", "sub")
 
     def __init__(self, stream: str, sub: Subscription) -> None:
         self.stream = stream
         self.kind = sub.topic.kind
         self.sub = sub
-        self.announced = False
 
 
 class WSConnection:
@@ -332,6 +331,7 @@ class WSConnection:
         self._reply(proto.error("continuity_lost", "the requested position is no longer available; "
                                 "the retained history follows", watch.stream,
                                 reason=watch.sub.continuity_lost, oldestRetainedId=_id_value(first)))
+        watch.sub.continuity_lost = None  # told; a later hole is told again
 
     # -- reader -----------------------------------------------------------------------------------
 
@@ -436,7 +436,7 @@ class WSConnection:
         inactivity = self.owner.limits.inactivity_timeout
         for watch in self.subs.values():
             sub = watch.sub
-            if sub.closed or (sub.continuity_lost and not watch.announced):
+            if sub.closed or sub.continuity_lost:
                 break
             taken = sub.take(ws=True)
             if taken is None:
@@ -501,8 +501,7 @@ class WSConnection:
                     self._end(watch, reason)
                     busy = True
                     continue
-                if sub.continuity_lost and not watch.announced:
-                    watch.announced = True
+                if sub.continuity_lost:
                     self._announce_continuity_lost(watch)
                     busy = True
                     continue

@@ -257,9 +257,23 @@ class TestResume:
     def test_unknown_ids_once_the_origin_is_gone(self) -> None:
         topic = Topic(KEY, capacity=4)
         publish(topic, *range(1, 7))
-        assert topic.position("9") == (2, "unknown", False)  # newer than anything kept, but not pending
         assert topic.position("abc") == (2, "unknown", False)
         assert topic.position("3") == (3, None, False)
+
+    async def test_a_numeric_id_ahead_of_a_trimmed_log_waits_for_it(self) -> None:
+        """A replica that lags the one the client came from: the id will come (or be passed)."""
+        hub, _, _, _ = make_hub(replay_buffer=4)
+        topic = hub.subscribe(KEY).topic
+        publish(topic, *range(1, 7))
+        sub = hub.subscribe(KEY, after_id="8")
+        assert sub.pending and sub.take() is None
+        publish(topic, 7, 8)
+        assert not sub.pending and sub.continuity_lost is None and sub.take() is None
+        publish(topic, 9)
+        assert ids(sub.take()) == ["9"]
+        passed = hub.subscribe(KEY, after_id="12")
+        publish(topic, 13)  # 12 never came: the history follows the signal
+        assert passed.continuity_lost == "unknown" and ids(passed.take())[-1] == "13"
 
     def test_unknown_id_on_an_ended_topic_is_not_pending(self) -> None:
         topic = Topic(KEY, capacity=100)
