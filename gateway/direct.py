@@ -86,7 +86,9 @@ class DirectHttpProtocol(HttpToolsProtocol):
     """uvicorn's httptools protocol that can give a response's socket to the application."""
 
     _sink: Sink | None = None
-    _head_sent = False
+    #: The last body chunk framed and the frame: subscribers at the same place write the same
+    #: bytes object, so one framing serves all of them (a memo; it holds at most one chunk).
+    _framed: tuple[bytes, bytes] = (b"", b"")
 
     def on_headers_complete(self) -> None:
         pipelined = self.cycle is not None and not self.cycle.response_complete
@@ -132,7 +134,11 @@ class DirectHttpProtocol(HttpToolsProtocol):
 
     def write(self, data: bytes) -> None:
         if data and not self.transport.is_closing():
-            self.transport.writelines((b"%x\r\n" % len(data), data, b"\r\n"))
+            body, framed = DirectHttpProtocol._framed
+            if data is not body:
+                framed = b"%x\r\n%s\r\n" % (len(data), data)
+                DirectHttpProtocol._framed = (data, framed)
+            self.transport.write(framed)
 
     def close(self) -> None:
         if not self.transport.is_closing():
