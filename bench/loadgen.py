@@ -134,7 +134,10 @@ class Subscriber(asyncio.Protocol):
 
     def _payloads(self, data: bytes) -> None:
         """Check and count every payload in `data` (whole events only)."""
-        pairs = PATTERN.findall(data)
+        self._count(PATTERN.findall(data))
+
+    def _count(self, pairs: list[tuple[bytes, bytes]]) -> None:
+        """Check the order of, and count, the (sequence, send time) pairs found in whole events."""
         if not pairs:
             return
         now = time.time_ns()
@@ -305,17 +308,18 @@ class WSSubscriber(Subscriber):
         buffer = self.buffer + data if self.buffer else data
         pos = 0
         size = len(buffer)
-        texts: list[bytes] = []
+        # Walk frame headers only; the payload markers are found by one regex pass over every
+        # complete frame (headers never match it), with no per-frame slicing or joining.
         while size - pos >= 2:
-            b0 = buffer[pos]
             length = buffer[pos + 1] & 0x7F
-            start = pos + 2
-            if length == 126:
+            if length < 126:
+                start = pos + 2
+            elif length == 126:
                 if size - pos < 4:
                     break
-                length = int.from_bytes(buffer[pos + 2:pos + 4], "big")
+                length = (buffer[pos + 2] << 8) | buffer[pos + 3]
                 start = pos + 4
-            elif length == 127:
+            else:
                 if size - pos < 10:
                     break
                 length = int.from_bytes(buffer[pos + 2:pos + 10], "big")
@@ -323,19 +327,18 @@ class WSSubscriber(Subscriber):
             end = start + length
             if end > size:
                 break
-            opcode = b0 & 0x0F
-            if opcode == 1:
-                texts.append(buffer[start:end])
-            elif opcode == 9:
-                self.send_frame(10, buffer[start:end])
-            elif opcode == 8:
-                self.close_note = "close frame " + buffer[start:end][:120].decode("utf-8", "replace")
+            if buffer[pos] != 0x81:
+                opcode = buffer[pos] & 0x0F
+                if opcode == 9:
+                    self.send_frame(10, buffer[start:end])
+                elif opcode == 8:
+                    self.close_note = "close frame " + buffer[start:end][:120].decode("utf-8", "replace")
             pos = end
         self.buffer = buffer[pos:]
-        if texts:
+        if pos:
             if not self.ready.done():
                 self.ready.set_result("ok")
-            self._payloads(b"\n".join(texts))
+            self._count(PATTERN.findall(buffer, 0, pos))
 
 
 class Worker:

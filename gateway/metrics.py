@@ -6,6 +6,7 @@ reasons. No evaluation id, consumer or token ever becomes a label value.
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Callable, Iterable
 
@@ -18,6 +19,29 @@ from gateway import __version__
 from gateway.types import Receive, Scope, Send
 
 _DELAY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+
+
+class DeferredCount:
+    """Increments of one counter gathered over an event-loop iteration and reported as one.
+
+    The fan-out counts frames per subscriber write; a locked counter increment for each of
+    thousands of writes would cost more than the rest of their bookkeeping.
+    """
+
+    __slots__ = ("_counter", "_pending")
+
+    def __init__(self, counter: Counter) -> None:
+        self._counter = counter
+        self._pending = 0
+
+    def add(self, amount: int) -> None:
+        if not self._pending:
+            asyncio.get_running_loop().call_soon(self._report)
+        self._pending += amount
+
+    def _report(self) -> None:
+        self._counter.inc(self._pending)
+        self._pending = 0
 
 
 class _OldestEventAge(Collector):

@@ -29,7 +29,7 @@ from gateway.events import Event
 from gateway.hub import FlushQueue, Hub, StreamUnavailable, Subscription
 from gateway.limits import ConnectionLimiter, ExclusiveStreams
 from gateway.logs import new_request_id, request_id
-from gateway.metrics import Metrics
+from gateway.metrics import DeferredCount, Metrics
 from gateway.sse import encode_comment, encode_event, encode_retry
 from gateway.types import Receive, Scope, Send
 
@@ -82,7 +82,7 @@ class SSEStreams:
         self.wall_clock = wall_clock
         self._writes = 0
         self.flushes = FlushQueue()
-        self._frames = metrics.frames_sent.labels("sse")
+        self._frames = DeferredCount(metrics.frames_sent.labels("sse"))
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send, kind: str, resource_id: str) -> None:
         token = request_id.set(new_request_id())
@@ -143,7 +143,7 @@ class SSEStreams:
         await stream.run(scope, receive, send, _STREAM_HEADERS + cors, after_id)
 
     def _delivered(self, batch: list[Event]) -> None:
-        self._frames.inc(len(batch))
+        self._frames.add(len(batch))
         self._writes += 1
         if self._writes % DELAY_SAMPLE_EVERY == 0:
             self.metrics.fanout_delay.observe(self.clock() - batch[-1].received_at)

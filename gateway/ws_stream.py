@@ -42,7 +42,7 @@ from gateway.events import Event
 from gateway.hub import FlushQueue, Hub, StreamUnavailable, Subscription
 from gateway.limits import ConnectionLimiter, ExclusiveStreams
 from gateway.logs import new_request_id, request_id
-from gateway.metrics import Metrics
+from gateway.metrics import DeferredCount, Metrics
 from gateway.ratelimit import TokenBucket
 from gateway.types import Receive, Scope, Send
 
@@ -95,7 +95,7 @@ class WebSocketStreams:
         self.wall_clock = wall_clock
         self.connections: set[WSConnection] = set()
         self.draining = False
-        self.frames = metrics.frames_sent.labels("ws")
+        self.frames = DeferredCount(metrics.frames_sent.labels("ws"))
         self.writes = 0
         self.flushes = FlushQueue()
 
@@ -397,7 +397,7 @@ class WSConnection:
             return False
         self.events_sent += len(batch)
         self.bytes_sent += len(frames)
-        owner.frames.inc(len(batch))
+        owner.frames.add(len(batch))
         sub.last_delivery = sub.last_write = now
         owner.writes += 1
         if owner.writes % DELAY_SAMPLE_EVERY == 0:
@@ -526,7 +526,7 @@ class WSConnection:
                         self.bytes_sent += len(text)
                     sub.sending_since = 0.0
                     self.events_sent += sent
-                    owner.frames.inc(sent)
+                    owner.frames.add(sent)
                     sub.last_delivery = sub.last_write = clock()
                     owner.writes += 1
                     if owner.writes % DELAY_SAMPLE_EVERY == 0:

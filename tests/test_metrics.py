@@ -253,3 +253,21 @@ def _accepts(port: int) -> bool:
 
     with socket.socket() as sock:
         return sock.connect_ex(("127.0.0.1", port)) == 0
+
+
+async def test_deferred_count_reports_one_iterations_increments_at_once() -> None:
+    from prometheus_client import CollectorRegistry, Counter
+
+    from gateway.metrics import DeferredCount
+
+    registry = CollectorRegistry()
+    counter = Counter("frames", "frames", registry=registry)
+    deferred = DeferredCount(counter)
+    deferred.add(2)
+    deferred.add(3)
+    assert registry.get_sample_value("frames_total") == 0
+    await asyncio.sleep(0)  # one loop iteration: the report was scheduled with call_soon
+    assert registry.get_sample_value("frames_total") == 5
+    deferred.add(1)
+    await asyncio.sleep(0)
+    assert registry.get_sample_value("frames_total") == 6
