@@ -189,6 +189,9 @@ class FrameOutput(Protocol):
     async def drained(self) -> None:
         """Wait until the buffer is below its low-water mark (or the socket is gone)."""
 
+    def on_writable(self, callback: Callable[[], None]) -> None:
+        """Call `callback` each time a full buffer drains below its low-water mark."""
+
 
 def frame_output(scope: Mapping[str, Any]) -> FrameOutput | None:
     """The socket itself, when the server offers it and no extension (compression) transforms frames."""
@@ -205,6 +208,8 @@ class DirectWebSocketProtocol(WebSocketsSansIOProtocol):
     Safe to interleave with uvicorn's own writes (pings, pongs, the close) because both only
     ever write complete frames and the gateway never fragments a message.
     """
+
+    _writable_callback: Callable[[], None] | None = None
 
     def handle_connect(self, event: Request) -> None:
         super().handle_connect(event)
@@ -228,3 +233,11 @@ class DirectWebSocketProtocol(WebSocketsSansIOProtocol):
 
     async def drained(self) -> None:
         await self.writable.wait()
+
+    def on_writable(self, callback: Callable[[], None]) -> None:
+        self._writable_callback = callback
+
+    def resume_writing(self) -> None:
+        super().resume_writing()
+        if self._writable_callback is not None:
+            self._writable_callback()

@@ -178,6 +178,8 @@ class WSConnection:
         self.send = send
         #: The socket itself (`gateway.direct`): each wake-up writes a subscription's events as one write.
         self.frames = frames
+        if frames is not None:
+            frames.on_writable(self._writable)
         self.admitted = admitted
         self.consumer = admitted.principal.consumer
         self.clock = owner.clock
@@ -425,14 +427,33 @@ class WSConnection:
             return
         self.wake.set()
 
+    def _writable(self) -> None:
+        """The socket drained: the hub's sweep stops timing it, and pending events go out."""
+        for watch in self.subs.values():
+            watch.sub.sending_since = 0.0
+        self._on_wake()
+
+    def _stalled(self, now: float) -> None:
+        """The socket is full: the hub's sweep cuts it off if it stays so for `send_timeout`."""
+        for watch in self.subs.values():
+            if not watch.sub.sending_since:
+                watch.sub.sending_since = now
+
     def flush(self) -> None:
-        """Write each subscription's new frames while the writer stays parked; anything else wakes it."""
+        """Write each subscription's new frames while the writer stays parked; anything else wakes it.
+
+        A full socket does not wake the writer either: the frames wait in the shared log
+        until the socket's `resume_writing` calls `_writable`.
+        """
         self._queued = False
         frames = self.frames
-        if not self._parked or frames is None or self.replies or self.close_code is not None or frames.paused:
+        if not self._parked or frames is None or self.replies or self.close_code is not None:
             self.wake.set()
             return
         now = self.clock()
+        if frames.paused:
+            self._stalled(now)
+            return
         inactivity = self.owner.limits.inactivity_timeout
         for watch in self.subs.values():
             sub = watch.sub
@@ -445,8 +466,11 @@ class WSConnection:
                         now - sub.last_delivery >= inactivity and not topic.paused):
                     break
                 continue
-            if not self._deliver(sub, taken[0], taken[1], now) or frames.paused:
+            if not self._deliver(sub, taken[0], taken[1], now):
                 break
+            if frames.paused:
+                self._stalled(now)
+                return
         else:
             return
         self.wake.set()  # the writer task handles what a flush does not: ends, closes, a full socket
