@@ -20,12 +20,11 @@ from collections.abc import Callable, Mapping
 from http import HTTPStatus
 from typing import Any, Protocol
 
-from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+from uvicorn.protocols.http.httptools_impl import HEADER_RE, HEADER_VALUE_RE, HttpToolsProtocol
 from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
 from websockets.http11 import Request
 
 EXTENSION = "gateway.direct"
-
 
 
 class Sink(Protocol):
@@ -106,13 +105,15 @@ class DirectHttpProtocol(HttpToolsProtocol):
         cycle = self.cycle
         if cycle is None or cycle.response_started or self.transport.is_closing() or self.pipeline:
             return None
+        head = [b"HTTP/1.1 %d %s\r\n" % (status, HTTPStatus(status).phrase.encode())]
+        for name, value in self.server_state.default_headers + headers:
+            if HEADER_RE.search(name) or HEADER_VALUE_RE.search(value):
+                raise RuntimeError("invalid HTTP header")  # as uvicorn's own `send` refuses it
+            head += [name, b": ", value, b"\r\n"]
+        head.append(b"transfer-encoding: chunked\r\nconnection: close\r\n\r\n")
         cycle.response_started = cycle.response_complete = True  # uvicorn writes nothing more for it
         cycle.keep_alive = False
         self._unset_keepalive_if_required()
-        head = [b"HTTP/1.1 %d %s\r\n" % (status, HTTPStatus(status).phrase.encode())]
-        for name, value in self.server_state.default_headers + headers:
-            head += [name, b": ", value, b"\r\n"]
-        head.append(b"transfer-encoding: chunked\r\nconnection: close\r\n\r\n")
         self.transport.write(b"".join(head))
         self._sink = sink
         # Free the per-request state now (a stream lives for hours): what parses, pipelines and

@@ -178,7 +178,11 @@ class _Stream:
         log.info("stream opened", extra={"transport": "sse", "stream_kind": self.sub.topic.kind,
                                          "resume": after_id is not None})
         detach = detacher(scope)
-        out = detach(self, 200, headers) if detach is not None else None
+        try:
+            out = detach(self, 200, headers) if detach is not None else None
+        except BaseException:
+            self.lost()  # release what admission took
+            raise
         if out is not None:
             self._start(out)
             return
