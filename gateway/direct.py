@@ -218,6 +218,12 @@ class DirectWebSocketProtocol(WebSocketsSansIOProtocol):
         if scope is not None and not self.close_sent:
             scope["extensions"][EXTENSION] = {"frames": self}
 
+    async def send(self, message: Any) -> None:
+        await super().send(message)
+        if message["type"] == "websocket.accept" and self.handshake_complete:
+            # The handshake's request and response (headers and all) are never read again.
+            self.request = self.response = None  # type: ignore[assignment]
+
     @property
     def frames_untransformed(self) -> bool:
         return not self.conn.extensions

@@ -129,6 +129,7 @@ class WebSocketStreams:
                 self.metrics.limit_rejections.labels(exc.reason).inc()
             await _deny(scope, send, exc)
             return
+        del headers, message  # this frame lives as long as the socket: keep only what it needs
         offered = scope.get("subprotocols") or []
         subprotocol = proto.SUBPROTOCOL if proto.SUBPROTOCOL in offered else None
         with self.limiter.hold(admitted.principal.consumer, admitted.client_ip):
