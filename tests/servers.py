@@ -41,13 +41,13 @@ class _QuietServer(uvicorn.Server):
 
 
 @contextlib.asynccontextmanager
-async def serve(app: Any, **config: Any) -> AsyncIterator[str]:
-    """Run `app` under uvicorn on 127.0.0.1:0 in this event loop; yield its base URL."""
+async def serve(app: Any, sock: socket.socket | None = None, **config: Any) -> AsyncIterator[str]:
+    """Run `app` under uvicorn on 127.0.0.1:0 (or on `sock`) in this event loop; yield its base URL."""
     options: dict[str, Any] = {"host": "127.0.0.1", "port": 0, "log_level": "warning", "lifespan": "on",
                                "access_log": False}
     options.update(config)
     server = _QuietServer(uvicorn.Config(app, **options))
-    task = asyncio.create_task(server.serve())
+    task = asyncio.create_task(server.serve(sockets=[sock] if sock is not None else None))
     try:
         await wait_for(lambda: server.started or task.done(), timeout=10, message="server start")
         if task.done():

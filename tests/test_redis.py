@@ -21,12 +21,11 @@ import httpx
 import pytest
 import yaml
 from prometheus_client import CollectorRegistry
-from websockets.asyncio.client import connect
 
 from gateway.auth import mint_token
 from tests.conftest import API_KEY, SECRET, Received, Sim, read_sse, terminal
 from tests.servers import free_port, subprocess_server, wait_for
-from tests.wsclient import Client, protocols
+from tests.wsclient import Client, protocols, recording_client
 
 pytestmark = [
     pytest.mark.slow,
@@ -405,15 +404,8 @@ def _job_over(received: Received) -> bool:
 async def _ws(url: str, sub: str) -> AsyncIterator[Client]:
     """A browser on the replica's `/ws` (token in the subprotocol), recording every message."""
     bearer = mint_token(SECRET, "HS256", sub, 300, {"streams": ["*/*"]})
-    async with connect(url.replace("http://", "ws://", 1) + "/ws", subprotocols=protocols(bearer),
-                       open_timeout=5, close_timeout=2) as ws:
-        client = Client(ws)
-        client.task = asyncio.create_task(client._pump())
-        try:
-            yield client
-        finally:
-            client.task.cancel()
-            await asyncio.gather(client.task, return_exceptions=True)
+    async with recording_client(url.replace("http://", "ws://", 1) + "/ws", protocols(bearer)) as client:
+        yield client
 
 
 @contextlib.asynccontextmanager

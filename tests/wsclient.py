@@ -12,7 +12,6 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
 
-import uvicorn
 from prometheus_client import CollectorRegistry
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.client import ClientProtocol
@@ -25,7 +24,7 @@ from websockets.uri import parse_uri
 
 from gateway.app import create_app
 from tests.conftest import Gateway, gateway_config
-from tests.servers import _QuietServer, server_protocols, wait_for
+from tests.servers import serve, server_protocols, wait_for
 
 Message = dict[str, Any]
 
@@ -96,8 +95,14 @@ async def ws_client(gateway: Gateway, sub: str = "alice", *, token: str | None =
     """A real browser-like client: the token rides in Sec-WebSocket-Protocol next to `gateway.v1`."""
     token = token if token is not None else gateway.token(sub, streams=streams)
     offered = protocols(token) if subprotocols is None else subprotocols
-    async with connect(ws_url(gateway), subprotocols=offered or None, open_timeout=5, close_timeout=2,
-                       **kwargs) as ws:
+    async with recording_client(ws_url(gateway), offered, **kwargs) as client:
+        yield client
+
+
+@contextlib.asynccontextmanager
+async def recording_client(url: str, subprotocols: list[Subprotocol], **kwargs: Any) -> AsyncIterator[Client]:
+    """Connect to `url` and record every message the server sends until the block ends."""
+    async with connect(url, subprotocols=subprotocols or None, open_timeout=5, close_timeout=2, **kwargs) as ws:
         client = Client(ws)
         client.task = asyncio.create_task(client._pump())
         try:
@@ -190,18 +195,8 @@ async def gateway_with_small_send_buffers(sim_url: str, send_buffer: int = 8192,
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, send_buffer)
     sock.bind(("127.0.0.1", 0))
-    server = _QuietServer(uvicorn.Config(app, lifespan="on", log_level="warning", access_log=False,
-                                         timeout_graceful_shutdown=2, **server_protocols(direct)))
-    task = asyncio.create_task(server.serve(sockets=[sock]))
     try:
-        await wait_for(lambda: server.started or task.done(), message="gateway start")
-        if task.done():
-            task.result()
-        yield Gateway(f"http://127.0.0.1:{sock.getsockname()[1]}", app, config)
+        async with serve(app, sock, timeout_graceful_shutdown=2, **server_protocols(direct)) as url:
+            yield Gateway(url, app, config)
     finally:
-        server.should_exit = True
-        try:
-            await asyncio.wait_for(task, timeout=15)
-        except TimeoutError:
-            task.cancel()
         sock.close()
