@@ -410,14 +410,11 @@ class WSConnection:
     async def _drain(self) -> None:
         """Wait for a full socket to drain; the hub's sweep cuts it off if it stays full for `send_timeout`."""
         assert self.frames is not None
-        now = self.clock()
-        for watch in self.subs.values():
-            watch.sub.sending_since = now
+        self._stalled(self.clock())
         try:
             await self.frames.drained()
         finally:
-            for watch in self.subs.values():
-                watch.sub.sending_since = 0.0
+            self._unstalled()
 
     def _on_wake(self) -> None:
         """A subscription has news: deliver it from the shared flush if the writer is parked, else wake it."""
@@ -429,9 +426,8 @@ class WSConnection:
         self.wake.set()
 
     def _writable(self) -> None:
-        """The socket drained: the hub's sweep stops timing it, and pending events go out."""
-        for watch in self.subs.values():
-            watch.sub.sending_since = 0.0
+        """The socket drained: pending events go out."""
+        self._unstalled()
         self._on_wake()
 
     def _stalled(self, now: float) -> None:
@@ -439,6 +435,10 @@ class WSConnection:
         for watch in self.subs.values():
             if not watch.sub.sending_since:
                 watch.sub.sending_since = now
+
+    def _unstalled(self) -> None:
+        for watch in self.subs.values():
+            watch.sub.sending_since = 0.0
 
     def flush(self) -> None:
         """Write each subscription's new frames while the writer stays parked; anything else wakes it.
