@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 from typing import Any
 
+from bench.chunked import Dechunker
 from bench.payload import PATTERN
 from bench.procstat import raise_fd_limit, self_cpu_seconds
 
@@ -187,8 +188,7 @@ class SSESubscriber(Subscriber):
         self.head = b""
         self.in_body = False
         self.chunked = False
-        self.left = 0  # bytes of the current chunk still to come, its trailing CRLF included
-        self.size_line = b""
+        self.dechunker = Dechunker()
         self.events = b""  # an incomplete SSE event carried over to the next read
 
     def request(self) -> bytes:
@@ -216,7 +216,12 @@ class SSESubscriber(Subscriber):
             if not data:
                 return
         self.worker.tally.bytes += len(data)
-        body = self._dechunk(data) if self.chunked else data
+        if self.chunked:
+            body = self.dechunker.feed(data)
+            if self.dechunker.ended:
+                self.close_note = "end of body"
+        else:
+            body = data
         if self.events:
             body = self.events + body
         end = body.rfind(b"\n\n")
@@ -225,36 +230,6 @@ class SSESubscriber(Subscriber):
             return
         self.events = body[end + 2:]
         self._payloads(body[:end])
-
-    def _dechunk(self, data: bytes) -> bytes:
-        if self.size_line:
-            data = self.size_line + data
-            self.size_line = b""
-        parts: list[bytes] = []
-        pos = 0
-        size = len(data)
-        while pos < size:
-            if self.left:
-                take = min(self.left, size - pos)
-                body_bytes = min(take, self.left - 2)
-                if body_bytes > 0:
-                    parts.append(data[pos:pos + body_bytes])
-                pos += take
-                self.left -= take
-                continue
-            eol = data.find(b"\r\n", pos)
-            if eol < 0:
-                self.size_line = data[pos:]
-                break
-            length = int(data[pos:eol].split(b";", 1)[0], 16)
-            pos = eol + 2
-            if length == 0:
-                self.close_note = "end of body"
-                break
-            self.left = length + 2
-        if len(parts) == 1:
-            return parts[0]
-        return b"".join(parts)
 
 
 class WSSubscriber(Subscriber):

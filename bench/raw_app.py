@@ -16,6 +16,8 @@ import asyncio
 import re
 from urllib.parse import urlsplit
 
+from bench.chunked import Dechunker
+
 _PATH = re.compile(rb"GET /api/v1/evaluations/([A-Za-z0-9._:-]+)/stream ")
 _HEAD = (b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ncache-control: no-store\r\n"
          b"transfer-encoding: chunked\r\n\r\n")
@@ -28,8 +30,7 @@ class Feed(asyncio.Protocol):
         self.subscribers = subscribers
         self.head_done = False
         self.pending = b""
-        self.left = 0
-        self.size_line = b""
+        self.dechunker = Dechunker()
 
     def data_received(self, data: bytes) -> None:
         if not self.head_done:
@@ -38,7 +39,7 @@ class Feed(asyncio.Protocol):
                 return
             self.head_done = True
             data = data[end + 4:]
-        body = self.pending + _dechunk(self, data)
+        body = self.pending + self.dechunker.feed(data)
         end = body.rfind(b"\n\n")
         if end < 0:
             self.pending = body
@@ -48,29 +49,6 @@ class Feed(asyncio.Protocol):
         out = b"%x\r\n%s\r\n" % (len(frames), frames)
         for transport in self.subscribers:
             transport.write(out)
-
-
-def _dechunk(feed: Feed, data: bytes) -> bytes:
-    data = feed.size_line + data
-    feed.size_line = b""
-    parts = []
-    pos = 0
-    while pos < len(data):
-        if feed.left:
-            take = min(feed.left, len(data) - pos)
-            keep = min(take, feed.left - 2)
-            if keep > 0:
-                parts.append(data[pos:pos + keep])
-            pos += take
-            feed.left -= take
-            continue
-        eol = data.find(b"\r\n", pos)
-        if eol < 0:
-            feed.size_line = data[pos:]
-            break
-        feed.left = int(data[pos:eol], 16) + 2
-        pos = eol + 2
-    return b"".join(parts)
 
 
 class Subscriber(asyncio.Protocol):

@@ -18,6 +18,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -108,6 +109,16 @@ def _wait_port(proc: subprocess.Popen[bytes], port: int, log: Path, timeout: flo
         time.sleep(0.02)
 
 
+def _when_ready(running: Running, ready: Callable[[], None]) -> Running:
+    """`running` once `ready()` returns; if it raises (the server will not come up), stop what was started."""
+    try:
+        ready()
+    except Exception:
+        running.stop()
+        raise
+    return running
+
+
 def _spawn(args: list[str], tmp: str, pythonpath: Path = REPO) -> tuple[subprocess.Popen[bytes], Path]:
     log = Path(tmp) / "server.log"
     out = open(log, "wb")  # noqa: SIM115 - the child process owns it from here
@@ -153,13 +164,7 @@ def start_redis() -> Running:
     port = free_port()
     proc, log = _spawn(["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "",
                         "--appendonly", "no"], tmp)
-    running = Running("redis", port, proc, tmp, log)
-    try:
-        _wait_port(proc, port, log)
-    except Exception:
-        running.stop()
-        raise
-    return running
+    return _when_ready(Running("redis", port, proc, tmp, log), lambda: _wait_port(proc, port, log))
 
 
 def start_gateway(upstream: str, api_key: str, secret: str, source: Path = REPO, redis: bool = False) -> Running:
@@ -179,13 +184,12 @@ def start_gateway(upstream: str, api_key: str, secret: str, source: Path = REPO,
     running = Running("gateway-redis" if redis else "gateway", port, proc, tmp, log,
                       extra_pids=[redis_server.proc.pid] if redis_server else [],
                       companions=[redis_server] if redis_server else [])
-    try:
+
+    def ready() -> None:
         _wait_port(proc, port, log)
         _wait_http_ok(port, "/healthz")
-    except Exception:
-        running.stop()
-        raise
-    return running
+
+    return _when_ready(running, ready)
 
 
 def _wait_http_ok(port: int, path: str, timeout: float = 10.0) -> None:
@@ -206,13 +210,7 @@ def _start_module(name: str, module: str, upstream: str, api_key: str) -> Runnin
     port = free_port()
     proc, log = _spawn([sys.executable, "-m", module, "--port", str(port), "--upstream", upstream,
                         "--api-key", api_key], tmp)
-    running = Running(name, port, proc, tmp, log)
-    try:
-        _wait_port(proc, port, log)
-    except Exception:
-        running.stop()
-        raise
-    return running
+    return _when_ready(Running(name, port, proc, tmp, log), lambda: _wait_port(proc, port, log))
 
 
 def start_naive(upstream: str, api_key: str) -> Running:
@@ -273,16 +271,15 @@ def start_nchan(module: str) -> Running:
     nginx = shutil.which("nginx") or "/usr/sbin/nginx"
     proc, log = _spawn([nginx, "-p", tmp, "-c", str(conf), "-e", f"{tmp}/error.log"], tmp)
     running = Running("nchan", port, proc, tmp, Path(tmp) / "error.log")
-    try:
+
+    def ready() -> None:
         _wait_port(proc, port, log)
         deadline = time.monotonic() + 5
         while not running.extra_pids and time.monotonic() < deadline:
             running.extra_pids = procstat.children(proc.pid)
             time.sleep(0.02)
-    except Exception:
-        running.stop()
-        raise
-    return running
+
+    return _when_ready(running, ready)
 
 
 def probe_websocket(port: int, path: str, token: str) -> str:
