@@ -24,7 +24,8 @@ from prometheus_client import CollectorRegistry
 
 from gateway.auth import mint_token
 from tests.conftest import API_KEY, SECRET, Received, Sim, read_sse, terminal
-from tests.servers import free_port, subprocess_server, wait_for
+from tests.servers import free_port, serve, subprocess_server, wait_for
+from tests.test_security import Webhook
 from tests.wsclient import Client, protocols, recording_client
 
 pytestmark = [
@@ -36,19 +37,22 @@ LEASE_TTL = 1.5
 
 
 class RedisServer:
-    def __init__(self, port: int, *options: str) -> None:
+    def __init__(self, port: int, *options: str, password: str | None = None) -> None:
         self.port = port
         self.options = options
+        self.password = password
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property
     def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
+        credentials = f":{self.password}@" if self.password else ""
+        return f"redis://{credentials}127.0.0.1:{self.port}/0"
 
     def start(self) -> None:
+        auth = ["--requirepass", self.password] if self.password else []
         self.proc = subprocess.Popen(
             ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-             *self.options],
+             *auth, *self.options],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         import socket
 
@@ -94,13 +98,13 @@ class Replica:
 
 
 @contextlib.asynccontextmanager
-async def replicas(tmp_path: Path, sim: Sim, redis: RedisServer, count: int = 3,
+async def replicas(tmp_path: Path, sim: Sim, redis: RedisServer, count: int = 3, auth: dict[str, Any] | None = None,
                    **limits: Any) -> AsyncIterator[list[Replica]]:
     config = tmp_path / "gateway.yaml"
     config.write_text(yaml.safe_dump({
         "server": {"host": "127.0.0.1", "port": 0, "drain_timeout": 2},
         "upstream": {"base_url": sim.url, "api_key": "${TEST_KEY}", "backoff_initial": 0.05, "backoff_max": 0.5},
-        "auth": {"jwt": {"algorithms": ["HS256"], "secret": "${TEST_SECRET}"}},
+        "auth": {"jwt": {"algorithms": ["HS256"], "secret": "${TEST_SECRET}"}, **(auth or {})},
         "limits": {"heartbeat": 0.5, "linger": 1, **limits},
         "broker": {"kind": "redis", "url": "${TEST_REDIS_URL}", "key_prefix": "t:", "lease_ttl": LEASE_TTL},
         "logging": {"level": "warning"},
@@ -199,6 +203,85 @@ async def test_consumer_superseded_across_replicas(tmp_path: Path, sim: Sim, red
         await asyncio.wait_for(task, timeout=5)
         assert first.events[-1][1] == "gateway.close"
         assert json.loads(first.events[-1][2])["code"] == "superseded"
+
+
+async def test_password_in_the_redis_url(tmp_path: Path, sim: Sim) -> None:
+    server = RedisServer(free_port(), password="s3cret-pass")
+    server.start()
+    try:
+        async with replicas(tmp_path, sim, server, count=2) as nodes:
+            path = "/api/v1/evaluations/e-pw/stream"
+            got = await asyncio.gather(*(read_sse(node.url + path, token(f"pw{i}"), until=terminal)
+                                         for i, node in enumerate(nodes)))
+            assert all(r.events[-1][1] == "final" for r in got) and got[0].ids == got[1].ids
+            assert all([await node.ready() for node in nodes])
+            assert sum([await node.metric("gateway_leases_held") for node in nodes]) <= 1
+        assert (await sim.resource("evaluations/e-pw"))["connects"] == 1
+    finally:
+        server.stop()
+
+
+async def test_reject_policy_refuses_a_second_stream_on_another_replica(tmp_path: Path, sim: Sim,
+                                                                         redis_server: RedisServer) -> None:
+    await sim.post("/_sim/configure", {"resource": "evaluations/e-rej", "rows": 100, "interval": 0.05})
+    async with replicas(tmp_path, sim, redis_server, count=2, one_stream_per_consumer="reject") as nodes:
+        path = "/api/v1/evaluations/e-rej/stream"
+        first = Received()
+        task = asyncio.create_task(read_sse(nodes[0].url + path, token("bob"), received=first, until=terminal,
+                                            timeout=15))
+        await wait_for(lambda: len(first.events) >= 3, message="first stream")
+        second = await read_sse(nodes[1].url + path, token("bob"))
+        assert second.status == 409 and "stream_already_open" in second.raw[0]
+        assert not terminal(first), "the first stream is not disturbed"
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+
+
+async def test_polls_share_one_cache_across_replicas(tmp_path: Path, sim: Sim, redis_server: RedisServer) -> None:
+    async with replicas(tmp_path, sim, redis_server, count=2, poll_cache_ttl=30) as nodes, \
+            httpx.AsyncClient() as client:
+        bodies = [(await client.get(node.url + "/api/v1/evaluations/e-pc", headers=token(f"p{i}"))).json()
+                  for i, node in enumerate(nodes)]
+    assert bodies[0] == bodies[1] and "status" in json.dumps(bodies[0])
+    assert (await sim.stats())["requests"]["evaluations/e-pc"]["polls"] == 1
+
+
+async def test_authorization_decisions_are_shared_across_replicas(tmp_path: Path, sim: Sim,
+                                                                   redis_server: RedisServer) -> None:
+    hook = Webhook()
+    async with serve(hook.app()) as hook_url, replicas(
+            tmp_path, sim, redis_server, count=2,
+            auth={"authorize_url": f"{hook_url}/authorize", "authorize_cache_ttl": 60}) as nodes, \
+            httpx.AsyncClient() as client:
+        headers = {"Authorization": "Bearer " + mint_token(SECRET, "HS256", "carol", 300, {"streams": []})}
+        statuses = [(await client.get(node.url + "/api/v1/evaluations/e-az-ok", headers=headers)).status_code
+                    for node in nodes]
+        denied = [(await client.get(node.url + "/api/v1/evaluations/e-az-no", headers=headers)).status_code
+                  for node in nodes]
+    assert statuses == [200, 200] and denied == [403, 403]
+    # One question per decision for the whole cluster: the second replica found it in Redis.
+    assert [c["resource"] for c in hook.calls] == ["evaluations/e-az-ok", "evaluations/e-az-no"]
+
+
+async def test_history_expires_after_the_end_and_redis_metrics_move(tmp_path: Path, sim: Sim,
+                                                                     redis_server: RedisServer) -> None:
+    await sim.post("/_sim/configure", {"resource": "evaluations/e-ttl", "rows": 3, "interval": 0.01})
+    async with replicas(tmp_path, sim, redis_server, count=2, history_ttl=30) as nodes, \
+            _redis(redis_server) as redis:
+        path = "/api/v1/evaluations/e-ttl/stream"
+        got = await asyncio.gather(*(read_sse(node.url + path, token(f"m{i}"), until=terminal)
+                                     for i, node in enumerate(nodes)))
+        assert all(r.events[-1][1] == "final" for r in got)
+        key = "t:log:evaluations/e-ttl"
+
+        async def expiring() -> bool:
+            return bool(0 < await redis.pttl(key) <= 30_000)
+
+        await wait_for(expiring, timeout=5, message="the ended resource's history to get its TTL")
+        for node in nodes:
+            assert await node.metric("gateway_redis_roundtrip_seconds_count") > 0
+        lags = [await node.metric("gateway_redis_tail_lag_seconds_count") for node in nodes]
+        assert sum(lags) > 0
 
 
 async def test_redis_restart_mid_run(tmp_path: Path, sim: Sim, redis_server: RedisServer) -> None:
