@@ -19,6 +19,7 @@ import math
 import os
 import platform
 import secrets
+import shutil
 import socket
 import statistics
 import subprocess
@@ -290,7 +291,9 @@ class Bench:
             return None
         path, opts.profile = opts.profile, None  # once
         fmt = "raw" if path.endswith(".txt") else "flamegraph"
-        return subprocess.Popen(["py-spy", "record", "--pid", str(server.main_pid), "--output", path, "--format", fmt,
+        # py-spy is a pip package: next to this interpreter when the venv is not on PATH.
+        spy = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
+        return subprocess.Popen([spy, "record", "--pid", str(server.main_pid), "--output", path, "--format", fmt,
                                  "--duration", str(max(1, int(duration))), "--rate", "250", "--nonblocking"],
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 

@@ -1,7 +1,8 @@
 """The fan-out engine: one shared, bounded log per stream and a cursor per subscriber.
 
-A publish appends one pre-encoded event to the stream's log and wakes the subscribers
-that are idle; it never writes to a socket and never waits for anyone. Each subscriber
+A publish appends one pre-encoded event to the stream's log and queues one wake-up of its
+subscribers for the loop's flush pass (however many events one upstream read carried); it
+never writes to a socket and never waits for anyone. Each subscriber
 pulls every pending frame in one piece (`Subscription.take`), so a busy stream costs
 one write per subscriber per wake-up, not one per event. Subscribers that are in the
 same place share the same joined bytes. A subscriber whose cursor falls out of the log
@@ -132,8 +133,12 @@ class Topic:
     """One resource's stream: a bounded log of encoded events and the subscriptions reading it."""
 
     def __init__(self, key: str, capacity: int, clock: Callable[[], float] = time.monotonic,
-                 chunk_bytes: int = 1 << 20) -> None:
+                 chunk_bytes: int = 1 << 20, flushes: FlushQueue | None = None) -> None:
         self.key = key
+        #: Where publishes defer waking the subscribers (one pass per loop iteration, however many
+        #: events one upstream read carried); without one, every publish wakes them at once.
+        self._flushes = flushes
+        self._wake_queued = False
         self.kind, _, self.resource_id = key.partition("/")
         self.capacity = capacity
         self.events: list[Event] = []
@@ -209,6 +214,18 @@ class Topic:
             self.ended = True
             self._lose_pending()
             self.on_ended(self)
+        if self._flushes is None:
+            self.wake_all()
+        elif not self._wake_queued:
+            self._wake_queued = True
+            self._flushes.add(self)
+
+    def flush(self) -> None:
+        """The deferred wake-up of `publish` (a `FlushQueue` item)."""
+        self._wake_queued = False
+        self.wake_all()
+
+    def wake_all(self) -> None:
         for sub in self.subscribers:
             sub.wake()
 
@@ -222,8 +239,7 @@ class Topic:
             self.end_detail = detail
         self._lose_pending()
         self.on_ended(self)
-        for sub in self.subscribers:
-            sub.wake()
+        self.wake_all()
 
     def lose_continuity(self, reason: str = "trimmed") -> None:
         """The feed cannot deliver some events before the next one (they are gone for good).
@@ -319,12 +335,17 @@ class Flushable(Protocol):
 
 
 class FlushQueue:
-    """Deliveries deferred to one pass per event-loop iteration.
+    """Work deferred to one pass per event-loop iteration.
 
-    An idle subscriber's `wake` queues it here instead of waking a task of its own; the pass
-    runs after every event of the current upstream read was published, so one write per
-    subscriber carries all of them, with no future and no task switch per subscriber.
+    A publish queues its topic here instead of waking every subscriber per event, and an
+    idle subscriber's `wake` queues it here instead of waking a task of its own. The pass
+    runs after every event of the current upstream read was published, so one wake-up and
+    one write per subscriber carry all of them, with no future and no task switch per
+    subscriber. Items queued during the pass (the subscribers a topic woke) run in it too.
     """
+
+    #: Passes over newly queued items in one run before the rest waits for the next iteration.
+    ROUNDS = 4
 
     def __init__(self) -> None:
         self._pending: list[Flushable] = []
@@ -337,10 +358,21 @@ class FlushQueue:
             asyncio.get_running_loop().call_soon(self._run)
 
     def _run(self) -> None:
-        pending, self._pending = self._pending, []
-        self._scheduled = False
-        for item in pending:
-            item.flush()
+        try:
+            for _ in range(self.ROUNDS):
+                pending, self._pending = self._pending, []
+                for item in pending:
+                    try:
+                        item.flush()
+                    except Exception:  # one broken subscriber must not starve the others
+                        log.exception("flush failed")
+                if not self._pending:
+                    break
+        finally:
+            self._scheduled = False
+            if self._pending:
+                self._scheduled = True
+                asyncio.get_running_loop().call_soon(self._run)
 
 
 class Hub:
@@ -353,6 +385,8 @@ class Hub:
         self.metrics = metrics
         self.clock = clock
         self.topics: dict[str, Topic] = {}
+        #: The one deferred pass per loop iteration that every topic and stream shares.
+        self.flushes = FlushQueue()
         self._closing = False
         self._tasks: set[asyncio.Task[None]] = set()
         #: Topics counted in `gateway_upstream_streams`: created and not yet ended or dropped.
@@ -370,7 +404,7 @@ class Hub:
         if topic is None:
             if self._closing or len(self.topics) >= self.limits.max_streams:
                 raise StreamUnavailable("the gateway is at its stream limit")
-            topic = Topic(key, self.limits.replay_buffer, self.clock, self.limits.subscriber_buffer)
+            topic = Topic(key, self.limits.replay_buffer, self.clock, self.limits.subscriber_buffer, self.flushes)
             topic.on_ended = self.topic_ended
             self.topics[key] = topic
             self.metrics.upstream_streams.labels(topic.kind).inc()

@@ -26,7 +26,7 @@ from gateway.config import LimitsConfig
 from gateway.direct import Output, Sink, detacher
 from gateway.errors import GatewayError, LimitError, respond
 from gateway.events import Event
-from gateway.hub import FlushQueue, Hub, StreamUnavailable, Subscription
+from gateway.hub import Hub, StreamUnavailable, Subscription
 from gateway.limits import ConnectionLimiter, ExclusiveStreams
 from gateway.logs import new_request_id, request_id
 from gateway.metrics import DeferredCount, Metrics
@@ -81,7 +81,7 @@ class SSEStreams:
         self.clock = clock
         self.wall_clock = wall_clock
         self._writes = 0
-        self.flushes = FlushQueue()
+        self.flushes = hub.flushes
         self._frames = DeferredCount(metrics.frames_sent.labels("sse"))
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send, kind: str, resource_id: str) -> None:

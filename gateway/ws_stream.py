@@ -39,7 +39,7 @@ from gateway.config import LimitsConfig, WebSocketConfig
 from gateway.direct import FrameOutput, frame_output
 from gateway.errors import GatewayError, LimitError
 from gateway.events import Event
-from gateway.hub import FlushQueue, Hub, StreamUnavailable, Subscription
+from gateway.hub import Hub, StreamUnavailable, Subscription
 from gateway.limits import ConnectionLimiter, ExclusiveStreams
 from gateway.logs import new_request_id, request_id
 from gateway.metrics import DeferredCount, Metrics
@@ -97,7 +97,7 @@ class WebSocketStreams:
         self.draining = False
         self.frames = DeferredCount(metrics.frames_sent.labels("ws"))
         self.writes = 0
-        self.flushes = FlushQueue()
+        self.flushes = hub.flushes
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         token = request_id.set(new_request_id())
@@ -171,6 +171,11 @@ class _Watch:
 
 class WSConnection:
     """One accepted `/ws` socket: its subscriptions, its reply queue, its reader and its writer."""
+
+    # Slots: thousands of these live for hours, and every publish touches each one's flags.
+    __slots__ = ("_aborted", "_parked", "_queued", "_writer", "admitted", "bytes_sent", "clock", "close_code",
+                 "close_text", "consumer", "events_sent", "frames", "owner", "rate", "receive", "replies", "send",
+                 "strikes", "subs", "wake")
 
     def __init__(self, owner: WebSocketStreams, receive: Receive, send: Send, admitted: Admitted,
                  frames: FrameOutput | None = None) -> None:

@@ -9,7 +9,7 @@ import pytest
 from gateway.closes import SHUTTING_DOWN, SLOW_CONSUMER, TOKEN_EXPIRED, UPSTREAM_FAILED
 from gateway.config import LimitsConfig
 from gateway.events import Event
-from gateway.hub import MAX_EVENTS_PER_WRITE, Hub, StreamUnavailable, Subscription, Topic
+from gateway.hub import MAX_EVENTS_PER_WRITE, FlushQueue, Hub, StreamUnavailable, Subscription, Topic
 from gateway.metrics import Metrics
 from tests.servers import wait_for
 
@@ -221,7 +221,7 @@ class TestResume:
         assert sub.take() is None  # nothing after "d" yet
         publish(topic, "e", "f")
         assert ids(sub.take()) == ["e", "f"]
-        assert calls
+        await wait_for(lambda: bool(calls), timeout=2, message="wake-up")
         assert sample(metrics, "gateway_replay_requests_total", outcome="pending") == 1
 
     async def test_pending_numeric_id_passed_loses_continuity(self) -> None:
@@ -363,13 +363,49 @@ class TestHubTopics:
             hub.subscribe("evaluations/e-2")
         assert len(broker.attached) == 1
 
-    async def test_wake_callbacks_run_on_publish(self) -> None:
+    async def test_publishes_in_one_loop_iteration_wake_each_subscriber_once(self) -> None:
         hub, _, _, _ = make_hub()
         first, second = hub.subscribe(KEY), hub.subscribe(KEY)
         other = hub.subscribe("evaluations/e-2")
         calls = [woken(first), woken(second), woken(other)]
-        publish(hub.topics[KEY], 1, 2)
+        publish(hub.topics[KEY], 1, 2, 3)
+        assert [len(c) for c in calls] == [0, 0, 0]  # deferred to the loop's flush pass
+        await wait_for(lambda: bool(calls[0]), timeout=2, message="wake-up")
+        assert [len(c) for c in calls] == [1, 1, 0]
+        assert ids(first.take()) == ["1", "2", "3"]
+        publish(hub.topics[KEY], 4)
+        await wait_for(lambda: len(calls[0]) == 2, timeout=2, message="second wake-up")
         assert [len(c) for c in calls] == [2, 2, 0]
+
+    def test_a_topic_without_a_flush_queue_wakes_on_every_publish(self) -> None:
+        topic = Topic(KEY, capacity=10)
+        sub = Subscription(topic, 0, 0.0)
+        topic.subscribers.add(sub)
+        calls = woken(sub)
+        publish(topic, 1, 2)
+        assert len(calls) == 2
+
+    async def test_a_failing_flush_item_does_not_starve_the_others(self) -> None:
+        queue = FlushQueue()
+        done: list[str] = []
+
+        class Item:
+            def __init__(self, name: str, fail: bool = False) -> None:
+                self.name, self.fail = name, fail
+
+            def flush(self) -> None:
+                if self.fail:
+                    raise RuntimeError("boom")
+                done.append(self.name)
+                if self.name == "a":
+                    queue.add(Item("queued-during-the-pass"))
+
+        for item in (Item("a"), Item("broken", fail=True), Item("b")):
+            queue.add(item)
+        await wait_for(lambda: len(done) == 3, timeout=2, message="flush pass")
+        assert done == ["a", "b", "queued-during-the-pass"]
+        queue.add(Item("later"))
+        await wait_for(lambda: "later" in done, timeout=2, message="next pass")
 
     async def test_publish_and_subscription_clock(self) -> None:
         hub, _, _, clock = make_hub()
