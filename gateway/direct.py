@@ -66,28 +66,51 @@ def detacher(scope: Mapping[str, Any]) -> Detach | None:
     return detach
 
 
-class _Flow:
-    """What a detached connection keeps of uvicorn's flow control: the write-paused flag."""
+class _Detached:
+    """A detached response's output: its transport and write-paused flag in one small object.
 
-    __slots__ = ("write_paused",)
+    It also stands in for uvicorn's `FlowControl` (the protocol's `pause_writing` and
+    `resume_writing` land here), so a fan-out pass touches this object and the transport
+    per subscriber, not the protocol's attribute dictionary.
+    """
 
-    def __init__(self, write_paused: bool) -> None:
-        self.write_paused = write_paused
+    __slots__ = ("paused", "transport")
+    #: The last body chunk framed and the frame: subscribers at the same place write the same
+    #: bytes object, so one framing serves all of them (a memo; it holds at most one chunk).
+    _framed: tuple[bytes, bytes] = (b"", b"")
+
+    def __init__(self, transport: Any, paused: bool) -> None:
+        self.transport = transport
+        self.paused = paused
 
     def pause_writing(self) -> None:
-        self.write_paused = True
+        self.paused = True
 
     def resume_writing(self) -> None:
-        self.write_paused = False
+        self.paused = False
+
+    def write(self, data: bytes) -> None:
+        transport = self.transport
+        if data and not transport.is_closing():
+            body, framed = _Detached._framed
+            if data is not body:
+                framed = b"%x\r\n%s\r\n" % (len(data), data)
+                _Detached._framed = (data, framed)
+            transport.write(framed)
+
+    def close(self) -> None:
+        if not self.transport.is_closing():
+            self.transport.write(b"0\r\n\r\n")
+            self.transport.close()
+
+    def abort(self) -> None:
+        self.transport.abort()
 
 
 class DirectHttpProtocol(HttpToolsProtocol):
     """uvicorn's httptools protocol that can give a response's socket to the application."""
 
     _sink: Sink | None = None
-    #: The last body chunk framed and the frame: subscribers at the same place write the same
-    #: bytes object, so one framing serves all of them (a memo; it holds at most one chunk).
-    _framed: tuple[bytes, bytes] = (b"", b"")
 
     def on_headers_complete(self) -> None:
         pipelined = self.cycle is not None and not self.cycle.response_complete
@@ -123,31 +146,10 @@ class DirectHttpProtocol(HttpToolsProtocol):
         self.headers = None  # type: ignore[assignment]
         self.parser = None  # type: ignore[assignment]
         self.pipeline = None  # type: ignore[assignment]
-        self.flow = _Flow(self.flow.write_paused)  # type: ignore[assignment]
+        output = _Detached(self.transport, self.flow.write_paused)
+        self.flow = output  # type: ignore[assignment]
         self.server = self.client = None
-        return self
-
-    # --- Output, for the detached connection ---------------------------------------
-
-    @property
-    def paused(self) -> bool:
-        return self.flow.write_paused
-
-    def write(self, data: bytes) -> None:
-        if data and not self.transport.is_closing():
-            body, framed = DirectHttpProtocol._framed
-            if data is not body:
-                framed = b"%x\r\n%s\r\n" % (len(data), data)
-                DirectHttpProtocol._framed = (data, framed)
-            self.transport.write(framed)
-
-    def close(self) -> None:
-        if not self.transport.is_closing():
-            self.transport.write(b"0\r\n\r\n")
-            self.transport.close()
-
-    def abort(self) -> None:
-        self.transport.abort()
+        return output
 
     # --- the transport's callbacks -------------------------------------------------
 

@@ -94,10 +94,15 @@ class Subscription:
 
     def take(self, ws: bool = False) -> tuple[bytes, list[Event]] | None:
         """Every frame after the cursor (up to a bound), advancing it; None if there is nothing."""
-        if not self._has_pending():
+        # The fan-out's hot path (once per subscriber per wake-up): `_has_pending`, inlined.
+        topic = self.topic
+        cursor = self.cursor
+        if cursor >= topic.head or self.resume_id is not None:
             return None
-        chunk, events, end = self.topic.chunk(self.cursor, ws)
-        self.cursor = end
+        if cursor < topic.base:
+            self.close(SLOW_CONSUMER)
+            return None
+        chunk, events, self.cursor = topic.chunk(cursor, ws)
         return chunk, events
 
     def take_events(self) -> list[Event] | None:
@@ -148,6 +153,9 @@ class Topic:
         self._ws_cache: dict[int, tuple[bytes, list[Event], int]] = {}
         self._chunk_bytes = chunk_bytes
         self.base = 0
+        #: The position after the newest event (`base + len(events)`), kept as a plain attribute
+        #: because every subscriber reads it on every wake-up.
+        self.head = 0
         self.subscribers: set[Subscription] = set()
         self.pending: list[Subscription] = []
         self.ended = False
@@ -159,10 +167,6 @@ class Topic:
         self.paused = False
         self.linger_handle: asyncio.TimerHandle | None = None
         self.on_ended: Callable[[Topic], None] = lambda topic: None
-
-    @property
-    def head(self) -> int:
-        return self.base + len(self.events)
 
     @property
     def last_id(self) -> str | None:
@@ -194,6 +198,7 @@ class Topic:
         if self.ended:
             return
         seq = self.head
+        self.head = seq + 1
         self.events.append(event)
         self._frames.append(event.sse)
         self._ids[event.id] = seq

@@ -250,6 +250,7 @@ class _Stream:
             # feed could not deliver some events (each such hole is told once, where it is).
             out.write(continuity_frame(sub))
             sub.continuity_lost = None
+        topic = sub.topic
         if not sub.closed:
             while (taken := sub.take()) is not None:
                 chunk, batch = taken
@@ -262,7 +263,8 @@ class _Stream:
                     if not sub.sending_since:
                         sub.sending_since = now
                     return
-        topic = sub.topic
+                if sub.cursor >= topic.head and not topic.ended:
+                    return  # the common case: all caught up, just written (no goodbye, no heartbeat due)
         if not sub.closed:
             if topic.ended and sub.drained:
                 if topic.end_reason is not None:

@@ -1,0 +1,172 @@
+"""The Python cost of one fan-out pass, per subscriber, without sockets.
+
+`python -m bench.flushpass [N]` subscribes N SSE streams (the gateway's own `_Stream`)
+to one topic, gives each a socket stand-in whose `write` only keeps the bytes, and times
+publish → flush pass → every subscriber written. With one event per pass this is the
+fixed-rate case of the fan-out benchmark minus the `write` syscalls: what the gateway
+adds per subscriber on top of a raw write loop. The same for WebSocket connections.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import statistics
+import sys
+import time
+from typing import Any
+
+import uvloop
+
+from gateway.config import LimitsConfig, ServerConfig, WebSocketConfig
+from gateway.direct import _Detached
+from gateway.events import Event
+from gateway.hub import Hub
+from gateway.limits import ConnectionLimiter, ExclusiveStreams
+from gateway.metrics import Metrics
+from gateway.sse_stream import SSEStreams, _Stream
+
+PASSES = 60
+KEY = "evaluations/bench"
+
+
+class _Broker:
+    def attach(self, topic: Any) -> None:
+        return None
+
+    async def detach(self, topic: Any) -> None:
+        return None
+
+
+class _Socket:
+    """A transport (and a `FrameOutput`) that keeps the last bytes written and is never full."""
+
+    __slots__ = ("last", "writes")
+    paused = False
+
+    def is_closing(self) -> bool:
+        return False
+
+    def __init__(self) -> None:
+        self.last = b""
+        self.writes = 0
+
+    def write(self, data: bytes) -> None:
+        self.last = data
+        self.writes += 1
+
+    def write_frames(self, data: bytes) -> bool:
+        self.write(data)
+        return True
+
+    def close(self) -> None:
+        return None
+
+    def abort(self) -> None:
+        return None
+
+    def on_writable(self, callback: Any) -> None:
+        return None
+
+
+def _event(i: int) -> Event:
+    data = f'{{"seq":{i},"sent":{time.time():f},"pad":"{"x" * 40}"}}'
+    return Event(KEY, str(i), "progress", data, time.monotonic())
+
+
+async def _passes(hub: Hub, sockets: list[_Socket]) -> list[float]:
+    topic = hub.topics[KEY]
+    times: list[float] = []
+    for i in range(PASSES):
+        done: asyncio.Future[float] = asyncio.get_running_loop().create_future()
+        last = sockets[-1]
+        before = last.writes
+        started = time.perf_counter()
+        topic.publish(_event(i))
+        # The flush pass runs in the next loop iteration; this callback is queued behind it.
+        asyncio.get_running_loop().call_soon(_stamp, done)
+        ended = await done
+        assert last.writes == before + 1, "the pass did not reach every subscriber"
+        times.append(ended - started)
+    return times
+
+
+def _stamp(done: asyncio.Future[float]) -> None:
+    done.set_result(time.perf_counter())
+
+
+async def sse(n: int) -> float:
+    limits = LimitsConfig()
+    metrics = Metrics()
+    hub = Hub(limits, _Broker(), metrics)
+    streams = SSEStreams(hub, None, ConnectionLimiter(ServerConfig()), ExclusiveStreams(limits),  # type: ignore[arg-type]
+                         limits, metrics)
+    sockets = []
+    for i in range(n):
+        sub = hub.subscribe(KEY, None, f"user-{i}")
+        stream = _Stream(streams, sub, f"user-{i}", "127.0.0.1", KEY, time.time() + 3600)
+        socket = _Socket()
+        stream._start(_Detached(socket, False))
+        sockets.append(socket)
+    return statistics.median(await _passes(hub, sockets)) / n
+
+
+async def ws(n: int) -> float:
+    from gateway import ws_protocol as proto
+    from gateway.admission import Admitted
+    from gateway.auth import Principal
+    from gateway.ws_stream import WebSocketStreams, WSConnection
+
+    limits = LimitsConfig()
+    metrics = Metrics()
+    hub = Hub(limits, _Broker(), metrics)
+    endpoint = WebSocketStreams(hub, _Authorize(), ConnectionLimiter(ServerConfig()),  # type: ignore[arg-type]
+                                ExclusiveStreams(limits), limits, WebSocketConfig(), metrics)
+    sockets = []
+    tasks = []
+    connections = []
+    for i in range(n):
+        principal = Principal(consumer=f"user-{i}", claims={}, expires_at=time.time() + 3600)
+        socket = _Socket()
+        admitted = Admitted(principal, None, "127.0.0.1", None, False)
+        connection = WSConnection(endpoint, _never, _sent, admitted, socket)  # type: ignore[arg-type]
+        tasks.append(asyncio.get_running_loop().create_task(connection.serve()))
+        await connection._subscribe(proto.Subscribe(stream=KEY, after_event_id=None))
+        sockets.append(socket)
+        connections.append(connection)
+    for _ in range(1000):  # let every writer send its `subscribed` reply and park
+        if all(c._parked for c in connections):
+            break
+        await asyncio.sleep(0)
+    assert all(c._parked for c in connections)
+    try:
+        return statistics.median(await _passes(hub, sockets)) / n
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+class _Authorize:
+    async def authorize(self, admitted: Any, stream: str) -> None:
+        return None
+
+
+async def _never() -> Any:
+    await asyncio.Event().wait()
+
+
+async def _sent(message: Any) -> None:
+    return None
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    n = int(args[0]) if args else 5000
+    print(f"N={n}, one event per pass, median of {PASSES} passes:")
+    print(f"  SSE: {uvloop.run(sse(n)) * 1e6:.2f} us of Python per subscriber per pass")
+    print(f"  WS:  {uvloop.run(ws(n)) * 1e6:.2f} us of Python per subscriber per pass")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
