@@ -53,12 +53,28 @@ def _noop() -> None:
     return None
 
 
+class DirectOutput(Protocol):
+    """A subscriber's socket the topic's pass may write the shared bytes to itself."""
+
+    @property
+    def paused(self) -> bool: ...
+
+    def write(self, data: bytes) -> None: ...
+
+
+class DeliveryTally(Protocol):
+    """Who counts a topic pass's direct writes (once per pass, not once per subscriber)."""
+
+    def delivered(self, writes: int, batch: list[Event]) -> None: ...
+
+
 class Subscription:
     """One subscriber's position in one topic."""
 
     __slots__ = (
-        "abort", "close_reason", "closed", "consumer", "continuity_lost", "cursor", "deadline", "last_delivery",
-        "last_write", "paused_exempt", "resume_id", "sending_since", "topic", "wake",
+        "abort", "close_reason", "closed", "consumer", "continuity_lost", "cursor", "deadline", "direct",
+        "last_delivery", "last_write", "paused_exempt", "resume_id", "sending_since", "sent_bytes", "sent_events",
+        "tally", "topic", "wake",
     )
 
     def __init__(self, topic: Topic, cursor: int, now: float, consumer: str = "") -> None:
@@ -77,6 +93,12 @@ class Subscription:
         #: When the subscriber's credentials expire (hub clock); the sweep closes it as `token_expired`.
         self.deadline = math.inf
         self.paused_exempt = False
+        #: Set by owners whose frames are the topic's joined bytes as they are (SSE): the topic's
+        #: pass then writes them itself when this subscriber is caught up and nothing else is due.
+        self.direct: DirectOutput | None = None
+        self.tally: DeliveryTally | None = None
+        self.sent_events = 0
+        self.sent_bytes = 0
 
     @property
     def pending(self) -> bool:
@@ -144,6 +166,8 @@ class Topic:
         #: events one upstream read carried); without one, every publish wakes them at once.
         self._flushes = flushes
         self._wake_queued = False
+        #: Where every caught-up subscriber stood after the last pass (the next pass's common start).
+        self._passed = 0
         self.kind, _, self.resource_id = key.partition("/")
         self.capacity = capacity
         self.events: list[Event] = []
@@ -226,9 +250,47 @@ class Topic:
             self._flushes.add(self)
 
     def flush(self) -> None:
-        """The deferred wake-up of `publish` (a `FlushQueue` item)."""
+        """The deferred wake-up of `publish` (a `FlushQueue` item): one pass over the subscribers.
+
+        A subscriber with a `direct` output that stood where the last pass left everyone, and
+        has nothing else due (no goodbye, no continuity notice, a socket with room), gets the
+        new frames written here, the same bytes for all; everyone else is woken to flush
+        itself. This is the fan-out's hot loop: a few attribute checks and one write each.
+        """
         self._wake_queued = False
-        self.wake_all()
+        start, head = self._passed, self.head
+        self._passed = head
+        if self.ended or not self.base <= start < head:
+            self.wake_all()
+            return
+        chunk, batch, end = self.chunk(start)
+        if end != head:  # more than one write's worth: owners take it in pieces
+            self.wake_all()
+            return
+        count, size = len(batch), len(chunk)
+        now = self.clock()
+        tally: DeliveryTally | None = None
+        writes = 0
+        for sub in self.subscribers:
+            out = sub.direct
+            if (out is None or sub.cursor != start or out.paused or sub.closed or sub.continuity_lost is not None
+                    or sub.resume_id is not None):
+                sub.wake()
+                continue
+            sub.cursor = head
+            out.write(chunk)
+            sub.last_delivery = sub.last_write = now
+            sub.sent_events += count
+            sub.sent_bytes += size
+            if out.paused and not sub.sending_since:
+                sub.sending_since = now
+            if sub.tally is not tally:
+                if tally is not None:
+                    tally.delivered(writes, batch)
+                tally, writes = sub.tally, 0
+            writes += 1
+        if tally is not None:
+            tally.delivered(writes, batch)
 
     def wake_all(self) -> None:
         for sub in self.subscribers:
@@ -254,7 +316,7 @@ class Topic:
         """
         for event in self.events:
             self._ids.pop(event.id, None)
-        self.base = self.head
+        self.base = self._passed = self.head
         self.events.clear()
         self._frames.clear()
         self._cache.clear()

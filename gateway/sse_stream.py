@@ -142,18 +142,20 @@ class SSEStreams:
                 self.hub.unsubscribe(sub)
         await stream.run(scope, receive, send, _STREAM_HEADERS + cors, after_id)
 
-    def _delivered(self, batch: list[Event]) -> None:
-        self._frames.add(len(batch))
-        self._writes += 1
-        if self._writes % DELAY_SAMPLE_EVERY == 0:
+    def delivered(self, writes: int, batch: list[Event]) -> None:
+        """Count `writes` subscribers given `batch` (one call per topic pass, or per own write)."""
+        self._frames.add(writes * len(batch))
+        before = self._writes
+        self._writes += writes
+        if writes > 1 or self._writes // DELAY_SAMPLE_EVERY != before // DELAY_SAMPLE_EVERY:
             self.metrics.fanout_delay.observe(self.clock() - batch[-1].received_at)
 
 
 class _Stream:
     """One admitted subscriber: its subscription, its output and the state between writes."""
 
-    __slots__ = ("aborted", "consumer", "done", "events", "expires_at", "ip", "out", "owner",
-                 "queued", "resource", "rid", "sent", "started", "sub")
+    __slots__ = ("aborted", "consumer", "done", "expires_at", "ip", "out", "owner",
+                 "queued", "resource", "rid", "started", "sub")
 
     def __init__(self, owner: SSEStreams, sub: Subscription, consumer: str, ip: str, resource: str,
                  expires_at: float) -> None:
@@ -168,8 +170,6 @@ class _Stream:
         self.queued = False
         self.done = False
         self.aborted = False
-        self.sent = 0
-        self.events = 0
         self.started = owner.clock()
 
     async def run(self, scope: Scope, receive: Receive, send: Send, headers: list[tuple[bytes, bytes]],
@@ -199,6 +199,8 @@ class _Stream:
         sub = self.sub
         sub.wake = self.wake
         sub.abort = self.abort
+        sub.direct = out  # the topic's pass may write the joined frames itself (see `Topic.flush`)
+        sub.tally = owner
         sub.deadline = owner.clock() + max(0.0, self.expires_at - owner.wall_clock())
         owner.metrics.subscribers.labels("sse", sub.topic.kind).inc()
         # Jittered reconnect delay so a gateway restart does not bring every browser back at once.
@@ -256,9 +258,9 @@ class _Stream:
                 chunk, batch = taken
                 out.write(chunk)
                 sub.last_delivery = sub.last_write = now
-                self.sent += len(chunk)
-                self.events += len(batch)
-                owner._delivered(batch)
+                sub.sent_bytes += len(chunk)
+                sub.sent_events += len(batch)
+                owner.delivered(1, batch)
                 if out.paused:
                     if not sub.sending_since:
                         sub.sending_since = now
@@ -305,6 +307,7 @@ class _Stream:
         code = reason.code if reason else ("client_closed" if sub.closed else "ended")
         sub.wake = _noop
         sub.abort = _noop
+        sub.direct = sub.tally = None
         if self.out is not None:
             owner.metrics.subscribers.labels("sse", sub.topic.kind).dec()
         owner.exclusive.leave(self.consumer, self.resource, sub)
@@ -318,7 +321,7 @@ class _Stream:
         try:
             log.info("stream closed", extra={
                 "transport": "sse", "stream_kind": sub.topic.kind, "duration": round(owner.clock() - self.started, 3),
-                "bytes": self.sent, "events": self.events, "close_code": code})
+                "bytes": sub.sent_bytes, "events": sub.sent_events, "close_code": code})
         finally:
             request_id.reset(token)
 

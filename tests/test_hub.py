@@ -512,3 +512,122 @@ class TestLinger:
         await hub.aclose()
         assert {t.key for t in broker.detached} == {KEY, "evaluations/e-2"}
         assert hub.topics == {}
+
+
+class Socket:
+    """A `DirectOutput` that records writes and can report itself full after a number of them."""
+
+    def __init__(self, room: int = 1 << 30) -> None:
+        self.writes: list[bytes] = []
+        self.room = room
+
+    @property
+    def paused(self) -> bool:
+        return len(self.writes) >= self.room
+
+    def write(self, data: bytes) -> None:
+        self.writes.append(data)
+
+
+class Tally:
+    def __init__(self) -> None:
+        self.calls: list[tuple[int, list[str]]] = []
+
+    def delivered(self, writes: int, batch: list[Event]) -> None:
+        self.calls.append((writes, [e.id for e in batch]))
+
+
+def direct(sub: Subscription, tally: Tally, room: int = 1 << 30) -> tuple[Socket, list[int]]:
+    socket = Socket(room)
+    sub.direct, sub.tally = socket, tally
+    return socket, woken(sub)
+
+
+async def one_pass(hub: Hub) -> None:
+    """Let the flush pass queued by the publishes run (it is the next loop callback)."""
+    passed: list[int] = []
+    hub.flushes.add(type("Marker", (), {"flush": lambda self: passed.append(1)})())
+    await wait_for(lambda: bool(passed), timeout=2, message="flush pass")
+
+
+class TestDirectPass:
+    async def test_caught_up_subscribers_get_the_same_bytes_from_the_topic_pass(self) -> None:
+        hub, _, _, clock = make_hub()
+        tally = Tally()
+        subs = [hub.subscribe(KEY) for _ in range(3)]
+        outputs = [direct(sub, tally) for sub in subs]
+        clock.now += 7
+        events = publish(subs[0].topic, 1, 2)
+        await one_pass(hub)
+        chunk = b"".join(e.sse for e in events)
+        for sub, (socket, calls) in zip(subs, outputs, strict=True):
+            assert socket.writes == [chunk] and calls == []  # written by the pass, not woken
+            assert socket.writes[0] is outputs[0][0].writes[0]  # one joined object for all
+            assert sub.drained and sub.last_delivery == sub.last_write == clock.now
+            assert (sub.sent_events, sub.sent_bytes) == (2, len(chunk))
+        assert tally.calls == [(3, ["1", "2"])]  # counted once per pass
+        publish(subs[0].topic, 3)
+        await one_pass(hub)
+        assert [len(socket.writes) for socket, _ in outputs] == [2, 2, 2]
+
+    async def test_anyone_with_something_else_due_is_woken_instead(self) -> None:
+        hub, _, _, _ = make_hub()
+        tally = Tally()
+        ready, full, closing, told, plain = (hub.subscribe(KEY) for _ in range(5))
+        topic = ready.topic
+        outputs = {name: direct(sub, tally, room=0 if name == "full" else 1 << 30)
+                   for name, sub in (("ready", ready), ("full", full), ("closing", closing), ("told", told))}
+        plain_calls = woken(plain)  # no direct output (a WebSocket subscription)
+        closing.close(SHUTTING_DOWN)
+        told.continuity_lost = "trimmed"
+        for _, calls in outputs.values():
+            calls.clear()
+        publish(topic, 1)
+        await one_pass(hub)
+        assert outputs["ready"][0].writes and not outputs["ready"][1]
+        for name in ("full", "closing", "told"):
+            socket, calls = outputs[name]
+            assert socket.writes == [] and calls == [1], name
+        assert plain_calls == [1]
+        assert full.cursor == closing.cursor == told.cursor == 0  # left for their own flush
+        assert tally.calls == [(1, ["1"])]
+
+    async def test_a_pending_or_lagging_subscriber_is_woken(self) -> None:
+        hub, _, _, _ = make_hub()
+        tally = Tally()
+        early = hub.subscribe(KEY)
+        topic = early.topic
+        publish(topic, 1)
+        await one_pass(hub)
+        lagging = hub.subscribe(KEY)  # joins at the start of the log: behind the pass's position
+        resuming = hub.subscribe(KEY, after_id="nope")
+        assert resuming.pending
+        early_out, _ = direct(early, tally)
+        (lag_out, lag_calls), (res_out, res_calls) = direct(lagging, tally), direct(resuming, tally)
+        early.cursor = topic.head
+        publish(topic, 2)
+        await one_pass(hub)
+        assert early_out.writes == [topic.events[1].sse]
+        assert lag_out.writes == res_out.writes == [] and lag_calls == res_calls == [1]
+
+    async def test_a_socket_that_fills_up_is_marked_as_sending(self) -> None:
+        hub, _, _, clock = make_hub()
+        sub = hub.subscribe(KEY)
+        socket, _ = direct(sub, Tally(), room=1)
+        publish(sub.topic, 1)
+        await one_pass(hub)
+        assert socket.writes and sub.sending_since == clock.now
+
+    async def test_more_than_one_write_or_the_end_wakes_everyone(self) -> None:
+        hub, _, _, _ = make_hub(subscriber_buffer=1024)
+        sub = hub.subscribe(KEY)
+        socket, calls = direct(sub, Tally())
+        for i in range(1, 6):  # ~300 bytes each: more than one 1024-byte write
+            sub.topic.publish(event(i, data='"' + "x" * 280 + '"'))
+        await one_pass(hub)
+        assert socket.writes == [] and calls == [1]
+        sub.cursor = sub.topic.head
+        calls.clear()
+        sub.topic.publish(event(10, type="final"))
+        await one_pass(hub)
+        assert sub.topic.ended and socket.writes == [] and calls == [1]  # the goodbye is the owner's
