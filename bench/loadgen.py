@@ -281,8 +281,23 @@ class WSSubscriber(Subscriber):
             self.send_frame(1, b'{"type":"subscribe","stream":"' + stream + b'"}')
         self.worker.tally.bytes += len(data)
         buffer = self.buffer + data if self.buffer else data
-        pos = 0
         size = len(buffer)
+        if self.ready.done() and b"\x88" not in buffer and b"\x89" not in buffer:
+            # No close or ping (nor a length byte that looks like one): only the last frame can be
+            # incomplete, so find where it starts instead of walking every header.
+            start = buffer.rfind(b'{"type":"')
+            if start >= 2 and buffer[start - 2] == 0x81 and buffer[start - 1] < 126:
+                header, length = start - 2, buffer[start - 1]
+            elif start >= 4 and buffer[start - 4] == 0x81 and buffer[start - 3] == 126:
+                header, length = start - 4, (buffer[start - 2] << 8) | buffer[start - 1]
+            else:
+                header = length = -1
+            if header >= 0:
+                cut = start + length if start + length <= size else header
+                self.buffer = buffer[cut:]
+                self._count(PATTERN.findall(buffer, 0, cut))
+                return
+        pos = 0
         # Walk frame headers only; the payload markers are found by one regex pass over every
         # complete frame (headers never match it), with no per-frame slicing or joining.
         while size - pos >= 2:

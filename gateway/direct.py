@@ -213,6 +213,9 @@ class DirectWebSocketProtocol(WebSocketsSansIOProtocol):
     """
 
     _writable_callback: Callable[[], None] | None = None
+    #: The transport's buffer is over its high-water mark (a plain attribute: the fan-out pass
+    #: reads it for every socket; uvicorn's own `writable` event stays as it was).
+    paused = False
 
     def handle_connect(self, event: Request) -> None:
         super().handle_connect(event)
@@ -230,10 +233,6 @@ class DirectWebSocketProtocol(WebSocketsSansIOProtocol):
     def frames_untransformed(self) -> bool:
         return not self.conn.extensions
 
-    @property
-    def paused(self) -> bool:
-        return not self.writable.is_set()
-
     def write_frames(self, data: bytes) -> bool:
         if not self.handshake_complete or self.close_sent or self.disconnected or self.transport.is_closing():
             return False
@@ -246,7 +245,16 @@ class DirectWebSocketProtocol(WebSocketsSansIOProtocol):
     def on_writable(self, callback: Callable[[], None]) -> None:
         self._writable_callback = callback
 
+    def pause_writing(self) -> None:
+        super().pause_writing()
+        self.paused = True
+
     def resume_writing(self) -> None:
         super().resume_writing()
+        self.paused = False
         if self._writable_callback is not None:
             self._writable_callback()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        super().connection_lost(exc)
+        self.paused = False  # as uvicorn sets `writable`: nothing will drain now, and nobody should wait

@@ -57,7 +57,8 @@ class DirectOutput(Protocol):
     """A subscriber's socket the topic's pass may write the shared bytes to itself."""
 
     @property
-    def paused(self) -> bool: ...
+    def paused(self) -> bool:
+        """It cannot take a write from the pass now (a full socket, or its owner is busy)."""
 
     def write(self, data: bytes) -> None: ...
 
@@ -74,7 +75,7 @@ class Subscription:
     __slots__ = (
         "abort", "close_reason", "closed", "consumer", "continuity_lost", "cursor", "deadline", "direct",
         "last_delivery", "last_write", "paused_exempt", "resume_id", "sending_since", "sent_bytes", "sent_events",
-        "tally", "topic", "wake",
+        "tally", "topic", "wake", "ws",
     )
 
     def __init__(self, topic: Topic, cursor: int, now: float, consumer: str = "") -> None:
@@ -96,6 +97,8 @@ class Subscription:
         #: Set by owners whose frames are the topic's joined bytes as they are (SSE): the topic's
         #: pass then writes them itself when this subscriber is caught up and nothing else is due.
         self.direct: DirectOutput | None = None
+        #: Direct writes take the WebSocket frames (`Event.ws_frame`) rather than SSE's.
+        self.ws = False
         self.tally: DeliveryTally | None = None
         self.sent_events = 0
         self.sent_bytes = 0
@@ -254,8 +257,9 @@ class Topic:
 
         A subscriber with a `direct` output that stood where the last pass left everyone, and
         has nothing else due (no goodbye, no continuity notice, a socket with room), gets the
-        new frames written here, the same bytes for all; everyone else is woken to flush
-        itself. This is the fan-out's hot loop: a few attribute checks and one write each.
+        new frames written here, the same bytes for all (SSE's, or the WebSocket frames);
+        everyone else is woken to flush itself. This is the fan-out's hot loop: a few
+        attribute checks and one write each.
         """
         self._wake_queued = False
         start, head = self._passed, self.head
@@ -267,7 +271,8 @@ class Topic:
         if end != head:  # more than one write's worth: owners take it in pieces
             self.wake_all()
             return
-        count, size = len(batch), len(chunk)
+        count = len(batch)
+        frames: bytes | None = None  # the WebSocket frames, joined on first use
         now = self.clock()
         tally: DeliveryTally | None = None
         writes = 0
@@ -277,11 +282,21 @@ class Topic:
                     or sub.resume_id is not None):
                 sub.wake()
                 continue
+            data = chunk
+            if sub.ws:
+                if frames is None:
+                    frames, _, ws_end = self.chunk(start, True)
+                    if ws_end != head:
+                        frames = b""
+                if not frames:
+                    sub.wake()
+                    continue
+                data = frames
             sub.cursor = head
-            out.write(chunk)
+            out.write(data)
             sub.last_delivery = sub.last_write = now
             sub.sent_events += count
-            sub.sent_bytes += size
+            sub.sent_bytes += len(data)
             if out.paused and not sub.sending_since:
                 sub.sending_since = now
             if sub.tally is not tally:

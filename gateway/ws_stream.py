@@ -99,6 +99,14 @@ class WebSocketStreams:
         self.writes = 0
         self.flushes = hub.flushes
 
+    def delivered(self, writes: int, batch: list[Event]) -> None:
+        """Count `writes` subscriptions given `batch` (one call per topic pass, or per own write)."""
+        self.frames.add(writes * len(batch))
+        before = self.writes
+        self.writes += writes
+        if writes > 1 or self.writes // DELAY_SAMPLE_EVERY != before // DELAY_SAMPLE_EVERY:
+            self.metrics.fanout_delay.observe(self.clock() - batch[-1].received_at)
+
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         token = request_id.set(new_request_id())
         try:
@@ -303,6 +311,9 @@ class WSConnection:
         self.subs[stream] = watch
         sub.wake = self._on_wake
         sub.abort = self._abort
+        if self.frames is not None:
+            # The topic's pass may write this subscription's frames itself while the writer is parked.
+            sub.direct, sub.ws, sub.tally = self, True, owner
         owner.metrics.subscribers.labels("ws", watch.kind).inc()
         self._reply(proto.subscribed(stream))
         self.wake.set()  # in case it was superseded while the claim was being taken
@@ -314,6 +325,9 @@ class WSConnection:
         sub = watch.sub
         sub.wake = _noop
         sub.abort = _noop
+        sub.direct = sub.tally = None
+        self.events_sent += sub.sent_events
+        self.bytes_sent += sub.sent_bytes
         self.owner.hub.unsubscribe(sub)
         self.owner.exclusive.leave(self.consumer, stream, sub)
         self.owner.metrics.subscribers.labels("ws", watch.kind).dec()
@@ -403,14 +417,24 @@ class WSConnection:
         owner = self.owner
         if not output.write_frames(frames):
             return False
-        self.events_sent += len(batch)
-        self.bytes_sent += len(frames)
-        owner.frames.add(len(batch))
+        sub.sent_events += len(batch)
+        sub.sent_bytes += len(frames)
         sub.last_delivery = sub.last_write = now
-        owner.writes += 1
-        if owner.writes % DELAY_SAMPLE_EVERY == 0:
-            owner.metrics.fanout_delay.observe(now - batch[-1].received_at)
+        owner.delivered(1, batch)
         return True
+
+    # -- the topic pass's direct writes (`hub.DirectOutput`) ------------------------------------
+
+    @property
+    def paused(self) -> bool:
+        """Only a parked writer with nothing else to say lets the topic's pass write for it."""
+        frames = self.frames
+        return (frames is None or not self._parked or bool(self.replies) or self.close_code is not None
+                or frames.paused)
+
+    def write(self, data: bytes) -> None:
+        if self.frames is not None:
+            self.frames.write_frames(data)
 
     async def _drain(self) -> None:
         """Wait for a full socket to drain; the hub's sweep cuts it off if it stays full for `send_timeout`."""

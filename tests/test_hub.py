@@ -631,3 +631,17 @@ class TestDirectPass:
         sub.topic.publish(event(10, type="final"))
         await one_pass(hub)
         assert sub.topic.ended and socket.writes == [] and calls == [1]  # the goodbye is the owner's
+
+    async def test_websocket_subscribers_get_the_websocket_frames(self) -> None:
+        hub, _, _, _ = make_hub()
+        tally = Tally()
+        sse_sub, ws_sub, other_ws = hub.subscribe(KEY), hub.subscribe(KEY), hub.subscribe(KEY)
+        (sse_out, _), (ws_out, _), (other_out, _) = (direct(s, tally) for s in (sse_sub, ws_sub, other_ws))
+        ws_sub.ws = other_ws.ws = True
+        events = publish(sse_sub.topic, 1, 2)
+        await one_pass(hub)
+        assert sse_out.writes == [b"".join(e.sse for e in events)]
+        assert ws_out.writes == [b"".join(e.ws_frame for e in events)]
+        assert other_out.writes[0] is ws_out.writes[0]  # joined once for every WebSocket
+        assert ws_sub.sent_bytes == len(ws_out.writes[0])
+        assert sum(writes for writes, _ in tally.calls) == 3
