@@ -286,10 +286,12 @@ class WSSubscriber(Subscriber):
             # No close or ping (nor a length byte that looks like one): only the last frame can be
             # incomplete, so find where it starts instead of walking every header.
             start = buffer.rfind(b'{"type":"')
-            if start >= 2 and buffer[start - 2] == 0x81 and buffer[start - 1] < 126:
-                header, length = start - 2, buffer[start - 1]
-            elif start >= 4 and buffer[start - 4] == 0x81 and buffer[start - 3] == 126:
+            # The longer header first: its first byte (0x81) cannot be payload text, while a
+            # 16-bit length may end in bytes that look like a short header.
+            if start >= 4 and buffer[start - 4] == 0x81 and buffer[start - 3] == 126:
                 header, length = start - 4, (buffer[start - 2] << 8) | buffer[start - 1]
+            elif start >= 2 and buffer[start - 2] == 0x81 and buffer[start - 1] < 126:
+                header, length = start - 2, buffer[start - 1]
             else:
                 header = length = -1
             if header >= 0:

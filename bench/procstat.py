@@ -76,3 +76,24 @@ def raise_fd_limit(wanted: int = 1 << 20) -> int:
 def self_cpu_seconds() -> float:
     usage = resource.getrusage(resource.RUSAGE_SELF)
     return usage.ru_utime + usage.ru_stime
+
+
+def pin(pids: list[int], cpus: set[int]) -> bool:
+    """Restrict every thread of each process to `cpus`; False if any could not be pinned.
+
+    Affinity is per thread, so each task of the process is set (threads started later
+    inherit it from their creator).
+    """
+    ok = True
+    for pid in pids:
+        try:
+            tasks = os.listdir(f"/proc/{pid}/task")
+        except (FileNotFoundError, ProcessLookupError):
+            ok = False
+            continue
+        for task in tasks:
+            try:
+                os.sched_setaffinity(int(task), cpus)
+            except (ProcessLookupError, PermissionError, OSError):
+                ok = False
+    return ok

@@ -103,7 +103,10 @@ def markdown(document: dict[str, Any]) -> str:
         f"{document['machine']['cpus']} CPUs, Python {document['machine']['python']}, kernel "
         f"{document['machine']['kernel']}; loopback; ~90-byte payloads; {opts['workers']} load-generator "
         f"process(es); medians of {opts['repeats']} run(s); closed loop with W={opts['window']} messages in flight; "
-        f"fixed rate {opts['rate']:,.0f} deliveries/s; gateway at {document.get('gateway_revision', '?')}; "
+        f"fixed rate {opts['rate']:,.0f} deliveries/s; "
+        + ("server pinned to one CPU, load generator to the others; " if opts.get("pin") else
+           "server and load generator placed by the scheduler; ")
+        + f"gateway at {document.get('gateway_revision', '?')}; "
         f"elapsed {document['elapsed_s']:.0f} s.",
         "",
         "## Targets (issue 3)",

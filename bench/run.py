@@ -54,6 +54,9 @@ class Options:
     rate_ns: list[int] = field(default_factory=lambda: [1000])
     rate_duration: float = 4.0
     hold: int = 0  # subscribers held idle in the memory/holding run (0: skip)
+    #: Pin the system under test to the first CPU and the load generator to the others while
+    #: publishing, so the scheduler cannot put the woken load generator on the server's core.
+    pin: bool = True
     out: Path = RESULTS
     plot: bool = True
     gateway_source: Path = sut.REPO
@@ -234,6 +237,7 @@ class Bench:
             count = max(1, int(rate * duration))
         else:  # hold: a few messages prove every held subscriber is alive
             count, duration, rate = 5, 30.0, 0.0
+        result["pinned"] = self._pin(server)
         self.loadgen.start(run, count)
         peak_ok = server.reset_peak()
         cpu0 = server.cpu()
@@ -281,6 +285,13 @@ class Bench:
                             f"notes {dict(stats.close_notes)}")
         if system != "nchan" and result["upstream_connections"] != 1:
             problems.append(f"{result['upstream_connections']} upstream connections (must be 1)")
+
+    def _pin(self, server: sut.Running) -> bool:
+        """Server on the first CPU, load generator on the rest (see `Options.pin`); False if not done."""
+        cpus = sorted(os.sched_getaffinity(0))
+        if not self.options.pin or len(cpus) < 2:
+            return False
+        return procstat.pin(server.pids, {cpus[0]}) and procstat.pin(self.loadgen.pids, set(cpus[1:]))
 
     def _profiler(self, server: sut.Running, system: str, transport: str, n: int, mode: str,
                   duration: float) -> subprocess.Popen[bytes] | None:
@@ -385,6 +396,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--hold", type=int, help="idle subscribers in the holding run (0: skip)")
     parser.add_argument("--out", type=Path, help="results directory (default bench/results)")
     parser.add_argument("--no-plot", action="store_true")
+    parser.add_argument("--no-pin", action="store_true", help="let the scheduler place the server and the load "
+                        "generator (default: server on the first CPU, load generator on the others)")
     parser.add_argument("--gateway-source", type=Path, help="run the gateway from another checkout")
     parser.add_argument("--profile", help="py-spy output (.svg flame graph or .txt collapsed stacks) of the "
                         "gateway's run at the largest N of --profile-mode, first of --transports")
@@ -403,6 +416,8 @@ def main(argv: list[str] | None = None) -> int:
     options = replace(options, **{k: v for k, v in overrides.items() if v is not None})
     if args.no_plot:
         options.plot = False
+    if args.no_pin:
+        options.pin = False
     if args.n is not None and args.rate_n is None:
         options.rate_ns = [n for n in options.rate_ns if n in options.ns] or options.ns[-1:]
     document = run_bench(options)

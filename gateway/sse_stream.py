@@ -2,10 +2,13 @@
 
 Admission (token, authorization, limits, the one-stream rule) runs as an ordinary ASGI
 request, so every refusal keeps its normal HTTP response. An admitted stream then has no
-task of its own: the hub's `wake` queues it for one shared flush per loop iteration, and
-the flush writes every pending frame with one write. Under the gateway's uvicorn protocol
-the socket itself is the output (`gateway.direct`), so the bytes the hub joined once go to
-every subscriber as they are; other servers get the same stream over `send`.
+task of its own. Its output is the subscription's `direct` output, so the topic's pass
+writes new frames to it while it is caught up (`Topic.flush`); anything else (the history
+of a resume, a continuity notice, the goodbye, a heartbeat, a drained socket) goes through
+`wake`, which queues the stream for the same pass, and `flush`, which writes every pending
+frame with one write. Under the gateway's uvicorn protocol the socket itself is the output
+(`gateway.direct`), so the bytes the hub joined once go to every subscriber as they are;
+other servers get the same stream over `send`.
 Every close the gateway initiates ends with a `gateway.close` event.
 """
 

@@ -4,9 +4,11 @@ Admission happens before the upgrade: a bad token, a foreign Origin or a full ga
 answered with a plain HTTP 401/403/429/503 (the `websocket.http.response` extension), so
 nothing is accepted and nothing is opened upstream. Each accepted socket is one
 `WSConnection`: a reader that parses client messages (sans-I/O, `gateway.ws_protocol`)
-and the socket's single writer. Each subscription is a hub `Subscription` whose `wake`
-sets the connection's event; the writer then flushes pending replies and sends every
-subscription's new events, each as the `Event.ws` text built once for all subscribers.
+and the socket's single writer. Each subscription is a hub `Subscription`. While the
+writer is parked with nothing to say, the topic's pass writes new events to the socket
+itself as ready-made frames joined once for every socket (the connection is the
+subscription's `direct` output); otherwise `wake` sets the connection's event and the
+writer flushes pending replies, then every subscription's new events.
 Whichever task ends first (client gone, or the writer closing the socket) cancels the
 other, and every subscription is released on every exit path.
 

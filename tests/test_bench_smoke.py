@@ -43,3 +43,25 @@ def test_nchan_fanout_smoke() -> None:
     run = _only_run(document)
     assert run["problems"] == []
     assert run["exactly_once_in_order"] is True
+
+
+@pytest.mark.timeout(60)
+def test_gateway_websocket_fanout_smoke() -> None:
+    # Enough deliveries for reads that carry several frames (the reader's no-walk path) and
+    # some that end inside a frame.
+    document = run_bench(replace(SMOKE, transports=["ws"], deliveries=20_000), write=False)
+    run = _only_run(document)
+    assert run["transport"] == "ws"
+    assert run["problems"] == []
+    assert run["exactly_once_in_order"] is True
+    assert run["upstream_connections"] == 1
+
+
+def test_flush_pass_micro_benchmark_runs() -> None:
+    import uvloop
+
+    from bench import flushpass
+
+    for measure in (flushpass.sse, flushpass.ws):
+        per_subscriber = uvloop.run(measure(50))
+        assert 0 < per_subscriber < 0.001  # seconds per subscriber per pass
