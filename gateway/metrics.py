@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
+from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, generate_latest
 from prometheus_client.core import GaugeMetricFamily
@@ -17,6 +18,9 @@ from prometheus_client.registry import Collector
 
 from gateway import __version__
 from gateway.types import Receive, Scope, Send
+
+if TYPE_CHECKING:
+    from gateway.events import Event
 
 _DELAY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 
@@ -42,6 +46,36 @@ class DeferredCount:
     def _report(self) -> None:
         self._counter.inc(self._pending)
         self._pending = 0
+
+
+class Deliveries:
+    """What one transport wrote: its frame count (`DeferredCount`) and a sample of the fan-out delay.
+
+    Called once per topic pass for the subscribers the pass wrote to, and once per write a
+    subscriber made itself. The delay (upstream receipt to write) is observed for every
+    pass and for one own write in `SAMPLE_EVERY`: a histogram per write would cost more
+    than the write.
+    """
+
+    SAMPLE_EVERY = 16
+    __slots__ = ("_clock", "_delay", "_frames", "_writes")
+
+    def __init__(self, frames: Counter, delay: Histogram, clock: Callable[[], float]) -> None:
+        self._frames = DeferredCount(frames)
+        self._delay = delay
+        self._clock = clock
+        self._writes = 0
+
+    def delivered(self, writes: int, batch: Sequence[Event]) -> None:
+        """`writes` subscribers were each given every event of `batch`."""
+        self.count(writes * len(batch), writes, batch[-1].received_at)
+
+    def count(self, frames: int, writes: int, received_at: float) -> None:
+        self._frames.add(frames)
+        before = self._writes
+        self._writes += writes
+        if writes > 1 or self._writes // self.SAMPLE_EVERY != before // self.SAMPLE_EVERY:
+            self._delay.observe(self._clock() - received_at)
 
 
 class _OldestEventAge(Collector):

@@ -28,11 +28,10 @@ from gateway.closes import CLOSE_EVENT, CONTINUITY_LOST_EVENT, INACTIVITY_TIMEOU
 from gateway.config import LimitsConfig
 from gateway.direct import Output, Sink, detacher
 from gateway.errors import GatewayError, LimitError, respond
-from gateway.events import Event
 from gateway.hub import Hub, StreamUnavailable, Subscription
 from gateway.limits import ConnectionLimiter, ExclusiveStreams
 from gateway.logs import new_request_id, request_id
-from gateway.metrics import DeferredCount, Metrics
+from gateway.metrics import Deliveries, Metrics
 from gateway.sse import encode_comment, encode_event, encode_retry
 from gateway.types import Receive, Scope, Send
 
@@ -44,8 +43,6 @@ _STREAM_HEADERS = [
     (b"cache-control", b"no-store"),
     (b"x-accel-buffering", b"no"),
 ]
-#: Observe the fan-out delay on one write in this many (a histogram per write would cost more than the write).
-DELAY_SAMPLE_EVERY = 16
 #: Bytes the `send` fallback buffers before it reports itself paused (the socket's own limit, for direct output).
 FALLBACK_HIGH_WATER = 1 << 16
 
@@ -83,9 +80,8 @@ class SSEStreams:
         self.metrics = metrics
         self.clock = clock
         self.wall_clock = wall_clock
-        self._writes = 0
         self.flushes = hub.flushes
-        self._frames = DeferredCount(metrics.frames_sent.labels("sse"))
+        self.deliveries = Deliveries(metrics.frames_sent.labels("sse"), metrics.fanout_delay, clock)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send, kind: str, resource_id: str) -> None:
         token = request_id.set(new_request_id())
@@ -145,14 +141,6 @@ class SSEStreams:
                 self.hub.unsubscribe(sub)
         await stream.run(scope, receive, send, _STREAM_HEADERS + cors, after_id)
 
-    def delivered(self, writes: int, batch: list[Event]) -> None:
-        """Count `writes` subscribers given `batch` (one call per topic pass, or per own write)."""
-        self._frames.add(writes * len(batch))
-        before = self._writes
-        self._writes += writes
-        if writes > 1 or self._writes // DELAY_SAMPLE_EVERY != before // DELAY_SAMPLE_EVERY:
-            self.metrics.fanout_delay.observe(self.clock() - batch[-1].received_at)
-
 
 class _Stream:
     """One admitted subscriber: its subscription, its output and the state between writes."""
@@ -203,7 +191,7 @@ class _Stream:
         sub.wake = self.wake
         sub.abort = self.abort
         sub.direct = out  # the topic's pass may write the joined frames itself (see `Topic.flush`)
-        sub.tally = owner
+        sub.tally = owner.deliveries
         sub.deadline = owner.clock() + max(0.0, self.expires_at - owner.wall_clock())
         owner.metrics.subscribers.labels("sse", sub.topic.kind).inc()
         # Jittered reconnect delay so a gateway restart does not bring every browser back at once.
@@ -263,7 +251,7 @@ class _Stream:
                 sub.last_delivery = sub.last_write = now
                 sub.sent_bytes += len(chunk)
                 sub.sent_events += len(batch)
-                owner.delivered(1, batch)
+                owner.deliveries.delivered(1, batch)
                 if out.paused:
                     if not sub.sending_since:
                         sub.sending_since = now

@@ -44,7 +44,7 @@ from gateway.events import Event
 from gateway.hub import Hub, StreamUnavailable, Subscription
 from gateway.limits import ConnectionLimiter, ExclusiveStreams
 from gateway.logs import new_request_id, request_id
-from gateway.metrics import DeferredCount, Metrics
+from gateway.metrics import Deliveries, Metrics
 from gateway.ratelimit import TokenBucket
 from gateway.types import Receive, Scope, Send
 
@@ -64,7 +64,6 @@ MAX_PENDING_REPLIES = 256
 STRIKE_WINDOW = 10.0
 """More than `message_burst` refused (rate-limited or invalid) messages within about this many seconds
 closes the socket with `policy_violation`."""
-DELAY_SAMPLE_EVERY = 16
 
 _INT = re.compile(r"0|[1-9][0-9]{0,17}")
 
@@ -97,17 +96,8 @@ class WebSocketStreams:
         self.wall_clock = wall_clock
         self.connections: set[WSConnection] = set()
         self.draining = False
-        self.frames = DeferredCount(metrics.frames_sent.labels("ws"))
-        self.writes = 0
+        self.deliveries = Deliveries(metrics.frames_sent.labels("ws"), metrics.fanout_delay, clock)
         self.flushes = hub.flushes
-
-    def delivered(self, writes: int, batch: list[Event]) -> None:
-        """Count `writes` subscriptions given `batch` (one call per topic pass, or per own write)."""
-        self.frames.add(writes * len(batch))
-        before = self.writes
-        self.writes += writes
-        if writes > 1 or self.writes // DELAY_SAMPLE_EVERY != before // DELAY_SAMPLE_EVERY:
-            self.metrics.fanout_delay.observe(self.clock() - batch[-1].received_at)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         token = request_id.set(new_request_id())
@@ -315,7 +305,7 @@ class WSConnection:
         sub.abort = self._abort
         if self.frames is not None:
             # The topic's pass may write this subscription's frames itself while the writer is parked.
-            sub.direct, sub.ws, sub.tally = self, True, owner
+            sub.direct, sub.ws, sub.tally = self, True, owner.deliveries
         owner.metrics.subscribers.labels("ws", watch.kind).inc()
         self._reply(proto.subscribed(stream))
         self.wake.set()  # in case it was superseded while the claim was being taken
@@ -422,7 +412,7 @@ class WSConnection:
         sub.sent_events += len(batch)
         sub.sent_bytes += len(frames)
         sub.last_delivery = sub.last_write = now
-        owner.delivered(1, batch)
+        owner.deliveries.delivered(1, batch)
         return True
 
     # -- the topic pass's direct writes (`hub.DirectOutput`) ------------------------------------
@@ -582,11 +572,8 @@ class WSConnection:
                         self.bytes_sent += len(text)
                     sub.sending_since = 0.0
                     self.events_sent += sent
-                    owner.frames.add(sent)
+                    owner.deliveries.count(sent, 1, batch[-1].received_at)
                     sub.last_delivery = sub.last_write = clock()
-                    owner.writes += 1
-                    if owner.writes % DELAY_SAMPLE_EVERY == 0:
-                        owner.metrics.fanout_delay.observe(clock() - batch[-1].received_at)
                     busy = True
                     continue
                 topic = sub.topic

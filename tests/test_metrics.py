@@ -271,3 +271,25 @@ async def test_deferred_count_reports_one_iterations_increments_at_once() -> Non
     deferred.add(1)
     await asyncio.sleep(0)
     assert registry.get_sample_value("frames_total") == 6
+
+
+async def test_deliveries_count_frames_and_sample_the_fanout_delay() -> None:
+    from prometheus_client import CollectorRegistry, Counter, Histogram
+
+    from gateway.events import Event
+    from gateway.metrics import Deliveries
+
+    registry = CollectorRegistry()
+    now = [100.0]
+    deliveries = Deliveries(Counter("frames", "frames", registry=registry),
+                            Histogram("delay", "delay", registry=registry), lambda: now[0])
+    batch = [Event("evaluations/e-1", str(i), "update", "{}", 99.5) for i in (1, 2)]
+    deliveries.delivered(3, batch)  # one topic pass wrote to three subscribers: always sampled
+    assert registry.get_sample_value("delay_count") == 1
+    assert registry.get_sample_value("delay_sum") == 0.5
+    for _ in range(Deliveries.SAMPLE_EVERY):  # own writes: one sample per SAMPLE_EVERY
+        deliveries.delivered(1, batch[:1])
+    assert registry.get_sample_value("delay_count") == 2
+    deliveries.count(1, 1, 99.0)
+    await asyncio.sleep(0)  # frames are reported once per loop iteration
+    assert registry.get_sample_value("frames_total") == 3 * 2 + Deliveries.SAMPLE_EVERY + 1
