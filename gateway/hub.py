@@ -94,8 +94,9 @@ class Subscription:
         #: When the subscriber's credentials expire (hub clock); the sweep closes it as `token_expired`.
         self.deadline = math.inf
         self.paused_exempt = False
-        #: Set by owners whose frames are the topic's joined bytes as they are (SSE): the topic's
-        #: pass then writes them itself when this subscriber is caught up and nothing else is due.
+        #: Set by owners whose frames are the topic's joined bytes as they are (an SSE stream, a
+        #: WebSocket connection): the topic's pass then writes them itself when this subscriber is
+        #: caught up and nothing else is due (`Topic.flush`).
         self.direct: DirectOutput | None = None
         #: Direct writes take the WebSocket frames (`Event.ws_frame`) rather than SSE's.
         self.ws = False
@@ -119,15 +120,9 @@ class Subscription:
 
     def take(self, ws: bool = False) -> tuple[bytes, list[Event]] | None:
         """Every frame after the cursor (up to a bound), advancing it; None if there is nothing."""
-        # The fan-out's hot path (once per subscriber per wake-up): `_has_pending`, inlined.
-        topic = self.topic
-        cursor = self.cursor
-        if cursor >= topic.head or self.resume_id is not None:
+        if not self._has_pending():
             return None
-        if cursor < topic.base:
-            self.close(SLOW_CONSUMER)
-            return None
-        chunk, events, self.cursor = topic.chunk(cursor, ws)
+        chunk, events, self.cursor = self.topic.chunk(self.cursor, ws)
         return chunk, events
 
     def take_events(self) -> list[Event] | None:
