@@ -7,7 +7,6 @@ anything is opened upstream.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -15,29 +14,20 @@ from gateway.auth import Authenticator, Principal
 from gateway.authz import Authorizer
 from gateway.config import ServerConfig
 from gateway.errors import AuthError, GatewayError, NotFound
-from gateway.events import KINDS
 from gateway.limits import ClientAddress
 from gateway.metrics import Metrics
+from gateway.streams import StreamNameError, resource_key
 from gateway.types import Scope
-
-_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,127}")
 
 
 def validate_resource(kind: str, resource_id: str) -> str:
-    """`<kind>/<id>` for a well-formed id; rejects '/', '..', control characters and long ids."""
-    if kind not in KINDS:
-        raise NotFound(f"unknown stream kind {kind[:32]!r}")
-    if not _ID.fullmatch(resource_id) or ".." in resource_id:
-        raise GatewayError("invalid resource id", status=400, code="invalid_id")
-    return f"{kind}/{resource_id}"
-
-
-def parse_stream_name(name: object) -> str:
-    """Validate a `<kind>/<id>` stream name from a client message."""
-    if not isinstance(name, str) or "/" not in name:
-        raise GatewayError("stream must be '<kind>/<id>'", code="invalid_stream")
-    kind, _, resource_id = name.partition("/")
-    return validate_resource(kind, resource_id)
+    """`<kind>/<id>` for a well-formed id (404 for an unknown kind, 400 for a malformed id)."""
+    try:
+        return resource_key(kind, resource_id)
+    except StreamNameError as exc:
+        if exc.unknown_kind:
+            raise NotFound(exc.message) from None
+        raise GatewayError(exc.message, status=400, code="invalid_id") from None
 
 
 def header_map(scope: Scope) -> dict[str, str]:

@@ -35,13 +35,14 @@ from gateway.dashboard import Dashboard
 from gateway.errors import GatewayError, respond
 from gateway.health import UpstreamHealth
 from gateway.hub import Broker, Hub
-from gateway.limits import ConnectionLimiter, ExclusiveStreams
+from gateway.limits import ConnectionLimiter, ExclusiveStreams, StreamQuota
 from gateway.listing import LISTABLE, Listings
 from gateway.logs import RequestIdMiddleware
 from gateway.metrics import Metrics, MetricsApp
 from gateway.polling import Poller
 from gateway.redis_broker import RedisBroker, RedisClient, RedisDecisionCache, RedisExclusive, RedisPollCache
 from gateway.sse_stream import SSEStreams
+from gateway.streams import JOB_KIND
 from gateway.types import Receive, Scope, Send
 from gateway.upstream import UpstreamPool
 from gateway.ws_stream import WebSocketStreams
@@ -61,7 +62,8 @@ class GatewayApp:
         self.clock = clock
         self.metrics = Metrics(registry)
         self.http = http_client or httpx.AsyncClient(
-            limits=httpx.Limits(max_connections=None, max_keepalive_connections=32))
+            limits=httpx.Limits(max_connections=None, max_keepalive_connections=32),
+            follow_redirects=False)  # the API key goes to the upstream's origin only
         self.health = UpstreamHealth(clock)
         self.pool = UpstreamPool(config.upstream, self.metrics, clock, self.http, health=self.health)
         #: Set in shared mode (`broker.kind: redis`): leases, shared history and caches.
@@ -80,6 +82,7 @@ class GatewayApp:
         self.cluster_exclusive = (RedisExclusive(self.redis, config.limits.one_stream_per_consumer)
                                   if self.redis else None)
         self.exclusive = ExclusiveStreams(config.limits, cluster=self.cluster_exclusive)
+        self.quota = StreamQuota(config.limits.max_streams_per_consumer)
         self.poller = Poller(self.http, config.upstream, config.limits.poll_cache_ttl, self.metrics,
                              health=self.health, cache=RedisPollCache(self.redis) if self.redis else None)
         self.listings = Listings(self.admission, self.authorizer, self.poller)
@@ -87,9 +90,9 @@ class GatewayApp:
         #: `/metrics` alone, for the separate `metrics.port` listener (`gateway serve` runs it).
         self.metrics_app = MetricsApp(self.metrics.registry) if config.metrics.enabled else None
         self.sse = SSEStreams(self.hub, self.admission, self.limiter, self.exclusive, config.limits,
-                              self.metrics, clock)
+                              self.metrics, clock, quota=self.quota)
         self.ws = WebSocketStreams(self.hub, self.admission, self.limiter, self.exclusive, config.limits,
-                                   config.websocket, self.metrics, clock)
+                                   config.websocket, self.metrics, clock, quota=self.quota)
         self.started = False
         self.draining = False
         self._background: list[asyncio.Task[None]] = []
@@ -209,7 +212,7 @@ class GatewayApp:
         cors = self.admission.cors_headers(headers.get("origin"), request.scope, headers)
         try:
             kind = request.path_params["kind"]
-            if kind == "optimizations":
+            if kind == JOB_KIND:
                 raise GatewayError("optimization jobs are not pollable; stream them", status=404,
                                    code="not_found")
             resource = validate_resource(kind, request.path_params["resource_id"])

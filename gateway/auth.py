@@ -33,6 +33,13 @@ class Principal:
     claims: Mapping[str, Any] = field(repr=False)
     expires_at: float
     streams: tuple[str, ...] = ()
+    #: `exp` plus the configured leeway: the last instant admission accepts the token, so the
+    #: instant its open streams end (no accept-then-close loop in between). Defaults to `expires_at`.
+    valid_until: float = 0.0
+
+    def __post_init__(self) -> None:
+        if not self.valid_until:
+            object.__setattr__(self, "valid_until", self.expires_at)
 
 
 def _invalid(reason: str, message: str) -> AuthError:
@@ -144,7 +151,9 @@ class Authenticator:
             streams = streams.split()
         if not isinstance(streams, list | tuple) or not all(isinstance(s, str) for s in streams):
             raise _invalid("bad_streams_claim", f"the '{self.jwt.streams_claim}' claim must be a list of strings")
-        return Principal(consumer=consumer, claims=claims, expires_at=float(claims["exp"]), streams=tuple(streams))
+        expires_at = float(claims["exp"])
+        return Principal(consumer=consumer, claims=claims, expires_at=expires_at, streams=tuple(streams),
+                         valid_until=expires_at + self.jwt.leeway)
 
     async def _key_for(self, alg: str, kid: object) -> Any:
         if alg in self._static_keys:

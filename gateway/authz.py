@@ -9,6 +9,7 @@ decisions are cached for `authorize_cache_ttl` seconds, and any webhook failure 
 
 from __future__ import annotations
 
+import asyncio
 import re
 import time
 from collections import OrderedDict
@@ -67,13 +68,26 @@ class DecisionCache:
 
 
 class Authorizer:
-    """Decides whether a principal may open a resource; raises AuthError(403) if not."""
+    """Decides whether a principal may open a resource; raises AuthError(403) if not.
+
+    The webhook is protected from being flooded through the gateway: at most
+    `authorize_concurrency` calls run at once (others wait, within `authorize_timeout`);
+    concurrent checks of one (consumer, resource) share one call; denials are cached for
+    `authorize_cache_ttl` and failures (timeout, non-200, bad JSON) for `authorize_failure_ttl`.
+    """
 
     def __init__(self, config: AuthConfig, client: httpx.AsyncClient | None = None,
-                 cache: DecisionStore | None = None) -> None:
+                 cache: DecisionStore | None = None, failures: DecisionCache | None = None) -> None:
         self.config = config
         self._client = client
         self.cache: DecisionStore = cache or DecisionCache(config.authorize_cache_ttl)
+        #: Failed calls, remembered briefly (in this process) so a broken webhook is not hammered.
+        self.failures = failures or DecisionCache(config.authorize_failure_ttl)
+        self._slots = asyncio.Semaphore(config.authorize_concurrency)
+        self._inflight: dict[tuple[str, str], asyncio.Future[bool | None]] = {}
+
+    def granted_by_claim(self, principal: Principal, resource: str) -> bool:
+        return pattern_allows(principal.streams, resource)
 
     async def check(self, principal: Principal, resource: str) -> None:
         if pattern_allows(principal.streams, resource):
@@ -82,25 +96,49 @@ class Authorizer:
             raise AuthError(f"not allowed to open {resource}", status=403, code="forbidden", reason="forbidden")
         allowed = await self.cache.get(principal.consumer, resource)
         if allowed is None:
-            allowed = await self._ask(principal, resource)
-            if allowed is not None:
-                await self.cache.put(principal.consumer, resource, allowed)
+            failed_recently = await self.failures.get(principal.consumer, resource) is not None
+            allowed = None if failed_recently else await self._decide(principal, resource)
         if not allowed:
             raise AuthError(f"not allowed to open {resource}", status=403, code="forbidden",
                             reason="forbidden" if allowed is False else "webhook_failed")
 
+    async def _decide(self, principal: Principal, resource: str) -> bool | None:
+        """One webhook answer per (consumer, resource) at a time, cached either way."""
+        pair = (principal.consumer, resource)
+        inflight = self._inflight.get(pair)
+        if inflight is not None:
+            return await asyncio.shield(inflight)
+        future: asyncio.Future[bool | None] = asyncio.get_running_loop().create_future()
+        self._inflight[pair] = future
+        try:
+            allowed = await self._ask(principal, resource)
+            if allowed is None:
+                await self.failures.put(principal.consumer, resource, False)
+            else:
+                await self.cache.put(principal.consumer, resource, allowed)
+            future.set_result(allowed)
+            return allowed
+        except BaseException as exc:
+            future.set_exception(exc)
+            future.exception()  # retrieved: waiters re-raise it; nobody else must log it
+            raise
+        finally:
+            del self._inflight[pair]
+
     async def _ask(self, principal: Principal, resource: str) -> bool | None:
-        """The webhook's answer; None (deny, uncached) when it fails."""
+        """The webhook's answer; None (deny) when it fails or no call slot frees up in time."""
         if self._client is None:
-            self._client = httpx.AsyncClient()
+            self._client = httpx.AsyncClient(follow_redirects=False)
         claims = {k: v for k, v in principal.claims.items() if isinstance(k, str)}
         try:
-            response = await self._client.post(
-                str(self.config.authorize_url),
-                json={"consumer": principal.consumer, "claims": claims, "resource": resource},
-                timeout=self.config.authorize_timeout,
-            )
-        except httpx.HTTPError:
+            async with asyncio.timeout(self.config.authorize_timeout):
+                async with self._slots:
+                    response = await self._client.post(
+                        str(self.config.authorize_url),
+                        json={"consumer": principal.consumer, "claims": claims, "resource": resource},
+                        follow_redirects=False,
+                    )
+        except (httpx.HTTPError, TimeoutError):
             return None
         if response.status_code in (401, 403):
             return False

@@ -55,7 +55,10 @@ class ServerConfig(_Section):
     @classmethod
     def _origins(cls, value: tuple[str, ...]) -> tuple[str, ...]:
         for origin in value:
-            if origin != "*" and not re.fullmatch(r"https?://[^/\s]+", origin):
+            if origin.strip() == "*":
+                raise ValueError("'*' is refused: it would let any web site use your users' sessions and "
+                                 "read their streams; list each origin (https://app.example.com)")
+            if not re.fullmatch(r"https?://[^/\s]+", origin):
                 raise ValueError(f"{origin!r} is not an origin like https://app.example.com (no path)")
         return tuple(o.rstrip("/") for o in value)
 
@@ -70,6 +73,10 @@ class UpstreamConfig(_Section):
     backoff_max: PositiveSeconds = 30.0
     optimization_ws_path: str = "/ws/optimization"
     ws_ping_interval: PositiveSeconds = 20.0
+    #: Largest upstream event (SSE line or event data, job WebSocket message); past it the stream fails.
+    max_event_bytes: int = Field(1 << 20, ge=1024)
+    #: Largest polling or listing answer read from the upstream; past it the browser gets a 502.
+    max_response_bytes: int = Field(4 << 20, ge=1024)
 
     @field_validator("base_url")
     @classmethod
@@ -136,6 +143,9 @@ class JWTConfig(_Section):
             raise ValueError("auth.jwt.secret must be at least 32 characters for HMAC signing")
         if public and not (self.public_key or self.jwks_url):
             raise ValueError(f"auth.jwt.public_key, public_key_file or jwks_url is required for {', '.join(public)}")
+        if self.jwks_url and not self.audience:
+            raise ValueError("auth.jwt.audience is required with jwks_url: an identity provider's keys sign "
+                             "tokens for many applications, and only the audience says which are for this gateway")
         return self
 
 
@@ -146,6 +156,10 @@ class AuthConfig(_Section):
     authorize_url: str | None = None
     authorize_cache_ttl: float = Field(30.0, ge=0)
     authorize_timeout: PositiveSeconds = 2.0
+    #: Webhook calls in flight at once (the rest wait, within `authorize_timeout`).
+    authorize_concurrency: int = Field(16, ge=1)
+    #: Seconds a failed webhook call (timeout, 5xx, bad JSON) is remembered as a denial.
+    authorize_failure_ttl: float = Field(5.0, ge=0)
 
 
 class LimitsConfig(_Section):
@@ -159,6 +173,10 @@ class LimitsConfig(_Section):
     send_timeout: PositiveSeconds = 30.0
     history_ttl: float = Field(300.0, ge=0)
     max_streams: int = Field(10000, ge=1)
+    #: Distinct streams one consumer may hold at once, across SSE and WebSocket.
+    max_streams_per_consumer: int = Field(64, ge=1)
+    #: Bytes all ended streams' retained histories may hold together; the oldest unread go first.
+    ended_history_bytes: int = Field(256 << 20, ge=0)
 
 
 class WebSocketConfig(_Section):
@@ -183,6 +201,13 @@ class BrokerConfig(_Section):
     url: str | None = Field(None, repr=False)
     key_prefix: str = "gw:"
     lease_ttl: PositiveSeconds = 5.0
+
+    @field_validator("key_prefix")
+    @classmethod
+    def _prefix(cls, value: str) -> str:
+        if "{" in value or "}" in value:
+            raise ValueError("must not contain '{' or '}' (each stream's keys use its name as a Redis hash tag)")
+        return value
 
     @model_validator(mode="after")
     def _url(self) -> BrokerConfig:

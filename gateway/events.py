@@ -9,22 +9,15 @@ one `json` encoding.
 from __future__ import annotations
 
 import json
-import re
 
 from gateway.sse import encode_event
+from gateway.streams import JOB_KIND, TERMINAL_EVENTS, id_value
 from gateway.ws_frames import text_frame
-
-#: Stream kinds a browser may open, as they appear in paths and in `<kind>/<id>` names.
-KINDS = ("evaluations", "trace-evaluations", "optimizations")
-#: Upstream event names that end a stream.
-TERMINAL_EVENTS = frozenset({"final", "error", "job_complete", "job_failed", "job_cancelled"})
-
-_INT = re.compile(r"0|[1-9][0-9]{0,17}")
 
 
 def id_json(event_id: str) -> str:
     """Ids that are canonical integers travel as JSON numbers (as upstream sends them)."""
-    return event_id if _INT.fullmatch(event_id) else json.dumps(event_id)
+    return json.dumps(id_value(event_id))
 
 
 class Event:
@@ -36,7 +29,8 @@ class Event:
         self.stream = stream
         self.id = id
         self.type = type
-        self.data = data
+        #: The upstream's data as browser-safe JSON text (see `as_json_text`), shared by both formats.
+        self.data = data = as_json_text(data)
         self.received_at = received_at
         self.sse = encode_event(data, event=type, id=id)
         self._ws: str | None = None
@@ -55,14 +49,14 @@ class Event:
         """
         if self._ws is None:
             kind, _, resource_id = self.stream.partition("/")
-            if kind == "optimizations":
+            if kind == JOB_KIND:
                 self._ws = ('{"type":"event","stream":' + json.dumps(self.stream) + ',"jobId":'
-                            + json.dumps(resource_id) + ',"event":' + as_json_text(self.data) + "}")
+                            + json.dumps(resource_id) + ',"event":' + self.data + "}")
             else:
                 self._ws = (
                     '{"type":"event","stream":' + json.dumps(self.stream)
                     + ',"event":{"id":' + id_json(self.id) + ',"eventType":' + json.dumps(self.type)
-                    + ',"data":' + as_json_text(self.data) + "}}"
+                    + ',"data":' + self.data + "}}"
                 )
         return self._ws
 
@@ -74,10 +68,38 @@ class Event:
         return self._ws_frame
 
 
-def as_json_text(raw: str) -> str:
-    """Upstream data that is not JSON is carried as a JSON string so WebSocket frames stay valid."""
+def _reject_constant(name: str) -> object:
+    raise ValueError(f"{name} is not JSON")
+
+
+def _null_constant(name: str) -> object:
+    return None
+
+
+def strict_json_loads(text: str | bytes) -> object:
+    """`json.loads` without Python's extensions (`NaN`, `Infinity`), which `JSON.parse` rejects."""
+    return json.loads(text, parse_constant=_reject_constant)
+
+
+def browser_json(text: str) -> str | None:
+    """`text` as JSON every browser's `JSON.parse` accepts, or None if it is not JSON at all.
+
+    JSON passes unchanged; JSON with `NaN`/`Infinity` (which Python's parser accepts and
+    browsers do not) is re-encoded with `null` in their place.
+    """
     try:
-        json.loads(raw)
-    except ValueError:
-        return json.dumps(raw)
-    return raw
+        strict_json_loads(text)
+        return text
+    except (ValueError, RecursionError):
+        pass
+    try:
+        value = json.loads(text, parse_constant=_null_constant)
+        return json.dumps(value, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+    except (ValueError, RecursionError):
+        return None
+
+
+def as_json_text(raw: str) -> str:
+    """Upstream event data as browser-safe JSON (`browser_json`); anything else as a JSON string."""
+    safe = browser_json(raw)
+    return json.dumps(raw) if safe is None else safe

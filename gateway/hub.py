@@ -27,10 +27,9 @@ from gateway.closes import SHUTTING_DOWN, SLOW_CONSUMER, TOKEN_EXPIRED, CloseRea
 from gateway.config import LimitsConfig
 from gateway.events import Event
 from gateway.metrics import Metrics
+from gateway.streams import PAUSE_EVENT, RESUME_EVENT, is_decimal, is_event_id
 
 log = logging.getLogger("gateway.hub")
-
-PAUSE_EVENTS = frozenset({"job_paused", "job_resumed"})
 #: Most events one write carries; bounds the bytes joined for a subscriber that is catching up.
 MAX_EVENTS_PER_WRITE = 512
 
@@ -73,7 +72,7 @@ class Subscription:
     """One subscriber's position in one topic."""
 
     __slots__ = (
-        "abort", "close_reason", "closed", "consumer", "continuity_lost", "cursor", "deadline", "direct",
+        "abort", "close_reason", "closed", "consumer", "continuity_lost", "cursor", "deadline", "direct", "failed",
         "last_delivery", "last_write", "paused_exempt", "resume_id", "sending_since", "sent_bytes", "sent_events",
         "tally", "topic", "wake", "ws",
     )
@@ -103,6 +102,8 @@ class Subscription:
         self.tally: DeliveryTally | None = None
         self.sent_events = 0
         self.sent_bytes = 0
+        #: One of its owner's callbacks raised: it is cut off and skipped from then on (`fail`).
+        self.failed = False
 
     @property
     def pending(self) -> bool:
@@ -143,7 +144,35 @@ class Subscription:
         if self.close_reason is None and not self.closed:
             self.close_reason = reason
         self.closed = True
-        self.wake()
+        self.notify()
+
+    def notify(self) -> None:
+        """Wake the owner; a wake-up that raises cuts off this subscriber alone (`fail`)."""
+        try:
+            self.wake()
+        except Exception:
+            self.fail("wake")
+
+    def fail(self, during: str) -> None:
+        """One of this subscriber's own callbacks raised: disconnect it, and only it.
+
+        Topics, publishes, flush passes and tailers are shared by every subscriber of a
+        stream; an exception from one subscriber's socket or state must stay with it.
+        The connection is dropped (the client reconnects and resumes by id) and the hub
+        never calls into this subscriber again.
+        """
+        if self.failed:
+            return
+        self.failed = True
+        self.closed = True
+        self.direct = None
+        log.exception("subscriber failed; disconnecting it", extra={"stream_kind": self.topic.kind,
+                                                                     "during": during})
+        abort, self.abort, self.wake = self.abort, _noop, _noop
+        try:
+            abort()
+        except Exception:
+            log.exception("subscriber abort failed", extra={"stream_kind": self.topic.kind})
 
     def last_id(self) -> str | None:
         """The id of the last event this subscriber was given (its resume point)."""
@@ -186,6 +215,8 @@ class Topic:
         self.clock = clock
         self.last_event_at = clock()
         self.ordinal = 0
+        #: Approximate memory of the retained log (each event's SSE frame and data).
+        self.bytes = 0
         self.paused = False
         self.linger_handle: asyncio.TimerHandle | None = None
         self.on_ended: Callable[[Topic], None] = lambda topic: None
@@ -211,7 +242,7 @@ class Topic:
         last = self.last_id
         if last is None:
             return False
-        if event_id.isdigit() and last.isdigit():
+        if is_decimal(event_id) and is_decimal(last):
             return int(event_id) <= int(last)
         return event_id in self._ids
 
@@ -225,6 +256,7 @@ class Topic:
         self._frames.append(event.sse)
         self._ids[event.id] = seq
         self.ordinal += 1
+        self.bytes += len(event.sse) + len(event.data)
         self.last_event_at = self.clock()
         if len(self.events) > self.capacity + max(1, self.capacity // 4):
             self._trim()
@@ -234,9 +266,9 @@ class Topic:
             self._ws_cache.clear()
         if self.pending:
             self._resolve_pending(event, seq)
-        if event.type in PAUSE_EVENTS:
+        if event.type == PAUSE_EVENT or event.type == RESUME_EVENT:
             # A paused job is waiting on a human: it does not count towards the inactivity limit.
-            self.paused = event.type == "job_paused"
+            self.paused = event.type == PAUSE_EVENT
         if event.terminal:
             self.ended = True
             self._lose_pending()
@@ -272,39 +304,44 @@ class Topic:
         tally: DeliveryTally | None = None
         writes = 0
         for sub in self.subscribers:
-            out = sub.direct
-            if (out is None or sub.cursor != start or out.paused or sub.closed or sub.continuity_lost is not None
-                    or sub.resume_id is not None):
-                sub.wake()
-                continue
-            data = chunk
-            if sub.ws:
-                if frames is None:
-                    frames, _, ws_end = self.chunk(start, True)
-                    if ws_end != head:
-                        frames = b""
-                if not frames:
-                    sub.wake()
+            try:
+                out = sub.direct
+                if (out is None or sub.cursor != start or out.paused or sub.closed or sub.continuity_lost is not None
+                        or sub.resume_id is not None):
+                    if not sub.failed:
+                        sub.wake()
                     continue
-                data = frames
-            sub.cursor = head
-            out.write(data)
-            sub.last_delivery = sub.last_write = now
-            sub.sent_events += count
-            sub.sent_bytes += len(data)
-            if out.paused and not sub.sending_since:
-                sub.sending_since = now
-            if sub.tally is not tally:
-                if tally is not None:
-                    tally.delivered(writes, batch)
-                tally, writes = sub.tally, 0
-            writes += 1
+                data = chunk
+                if sub.ws:
+                    if frames is None:
+                        frames, _, ws_end = self.chunk(start, True)
+                        if ws_end != head:
+                            frames = b""
+                    if not frames:
+                        sub.wake()
+                        continue
+                    data = frames
+                sub.cursor = head
+                out.write(data)
+                sub.last_delivery = sub.last_write = now
+                sub.sent_events += count
+                sub.sent_bytes += len(data)
+                if out.paused and not sub.sending_since:
+                    sub.sending_since = now
+                if sub.tally is not tally:
+                    if tally is not None:
+                        tally.delivered(writes, batch)
+                    tally, writes = sub.tally, 0
+                writes += 1
+            except Exception:
+                sub.fail("flush")
         if tally is not None:
             tally.delivered(writes, batch)
 
     def wake_all(self) -> None:
         for sub in self.subscribers:
-            sub.wake()
+            if not sub.failed:
+                sub.notify()
 
     def end(self, reason: CloseReason | None = None, detail: str | None = None) -> None:
         """No more events will come: a terminal event passed, or the upstream failed for good."""
@@ -327,6 +364,7 @@ class Topic:
         for event in self.events:
             self._ids.pop(event.id, None)
         self.base = self._passed = self.head
+        self.bytes = 0
         self.events.clear()
         self._frames.clear()
         self._cache.clear()
@@ -335,7 +373,7 @@ class Topic:
             if sub.resume_id is None:
                 sub.cursor = self.head
                 sub.continuity_lost = reason
-                sub.wake()
+                sub.notify()
 
     def _lose_pending(self) -> None:
         """The stream is over and the ids they wait for never came: they get the history instead."""
@@ -345,10 +383,24 @@ class Topic:
             sub.cursor = self.base
         self.pending.clear()
 
+    def adopt(self, previous: Topic) -> None:
+        """Start from the retained log of the topic this one replaces (a stream retried after a failure).
+
+        Subscribers resume against the same ids, and the new feed resumes the upstream after
+        the last of them instead of replaying the stream from its start.
+        """
+        self.events = list(previous.events)
+        self._frames = list(previous._frames)
+        self._ids = dict(previous._ids)
+        self.base, self.head, self._passed = previous.base, previous.head, previous.head
+        self.ordinal = previous.ordinal
+        self.bytes = previous.bytes
+
     def _trim(self) -> None:
         drop = len(self.events) - self.capacity
         for event in self.events[:drop]:
             self._ids.pop(event.id, None)
+            self.bytes -= len(event.sse) + len(event.data)
         del self.events[:drop]
         del self._frames[:drop]
         self.base += drop
@@ -360,7 +412,7 @@ class Topic:
             if wanted == event.id:
                 sub.resume_id = None
                 sub.cursor = seq + 1
-            elif wanted is not None and wanted.isdigit() and event.id.isdigit() and int(event.id) > int(wanted):
+            elif wanted is not None and is_decimal(wanted) and is_decimal(event.id) and int(event.id) > int(wanted):
                 sub.resume_id = None
                 sub.continuity_lost = "unknown"
                 sub.cursor = self.base
@@ -372,6 +424,8 @@ class Topic:
         """Where a subscriber resuming after `after_id` starts: (cursor, continuity_lost, pending)."""
         if after_id is None:
             return self.base, None, False
+        if not is_event_id(after_id):
+            return self.base, "unknown", False  # malformed: it can never come by, so nobody waits for it
         seq = self._ids.get(after_id)
         if seq is not None:
             return seq + 1, None, False
@@ -379,9 +433,10 @@ class Topic:
             return self.base, None, True
         if not self.from_origin and self.events:
             first, last = self.events[0].id, self.events[-1].id
-            if after_id.isdigit() and first.isdigit() and int(after_id) < int(first):
+            decimal = is_decimal(after_id)
+            if decimal and is_decimal(first) and int(after_id) < int(first):
                 return self.base, "trimmed", False
-            if after_id.isdigit() and last.isdigit() and int(after_id) > int(last) and not self.ended:
+            if decimal and is_decimal(last) and int(after_id) > int(last) and not self.ended:
                 # Ahead of this log (a replica that lags the one the client came from): wait for it.
                 return self.head, None, True
         return self.base, "unknown", False
@@ -466,8 +521,13 @@ class Hub:
         self.flushes = FlushQueue()
         self._closing = False
         self._tasks: set[asyncio.Task[None]] = set()
-        #: Topics counted in `gateway_upstream_streams`: created and not yet ended or dropped.
+        #: Topics counted in `gateway_upstream_streams`: created and not yet ended or dropped. These are
+        #: the live upstream feeds that `limits.max_streams` caps.
         self._feeding: set[Topic] = set()
+        #: Ended topics kept for late resumes, oldest first, with the bytes they hold: bounded in
+        #: total by `limits.ended_history_bytes` (and each by `limits.history_ttl`).
+        self._ended: dict[Topic, int] = {}
+        self._ended_bytes = 0
         metrics.watch_streams(self._open_stream_ages, clock)
 
     def _open_stream_ages(self) -> Iterable[tuple[str, float]]:
@@ -478,10 +538,19 @@ class Hub:
     def subscribe(self, key: str, after_id: str | None = None, consumer: str = "") -> Subscription:
         """Join the topic for `key`, creating it (and its single upstream) if needed."""
         topic = self.topics.get(key)
+        previous: Topic | None = None
+        if topic is not None and topic.ended and topic.end_reason is not None and topic.end_reason.reconnect:
+            # The feed failed in a way worth retrying: a newcomer gets a fresh upstream attempt, not the
+            # old ending. The old topic's subscribers still get their goodbye from it.
+            previous, topic = topic, None
         if topic is None:
-            if self._closing or len(self.topics) >= self.limits.max_streams:
+            if self._closing or len(self._feeding) >= self.limits.max_streams:
                 raise StreamUnavailable("the gateway is at its stream limit")
+            if previous is not None:
+                self._retire(previous)
             topic = Topic(key, self.limits.replay_buffer, self.clock, self.limits.subscriber_buffer, self.flushes)
+            if previous is not None:
+                topic.adopt(previous)
             topic.on_ended = self.topic_ended
             self.topics[key] = topic
             self.metrics.upstream_streams.labels(topic.kind).inc()
@@ -511,6 +580,9 @@ class Hub:
             topic.pending.remove(sub)
         if topic.subscribers or self.topics.get(topic.key) is not topic:
             return
+        if topic.ended and topic.head == 0:
+            self._drop(topic)  # refused or empty: nothing to keep for a late resume
+            return
         delay = self.limits.history_ttl if topic.ended else self.limits.linger
         loop = asyncio.get_running_loop()
         topic.linger_handle = loop.call_later(delay, self._expire, topic)
@@ -521,19 +593,52 @@ class Hub:
             return
         self._drop(topic)
 
+    def _retire(self, topic: Topic) -> None:
+        """Take a topic out of the registry now (its subscribers finish on it)."""
+        if topic.linger_handle is not None:
+            topic.linger_handle.cancel()
+            topic.linger_handle = None
+        if self.topics.get(topic.key) is topic:
+            self._drop(topic)
+
     def _drop(self, topic: Topic) -> None:
         del self.topics[topic.key]
         self._stop_counting(topic)
+        held = self._ended.pop(topic, None)
+        if held is not None:
+            self._ended_bytes -= held
         task = asyncio.get_running_loop().create_task(self.broker.detach(topic))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
     def topic_ended(self, topic: Topic) -> None:
-        """Called by feeds when a topic ends; idle ended topics are kept `history_ttl` for late resumes."""
+        """Called by feeds when a topic ends; idle ended topics are kept `history_ttl` for late resumes.
+
+        Its upstream slot is free at once. A topic that never had an event (the upstream refused
+        it) keeps nothing; the others' histories are bounded together by `ended_history_bytes`,
+        the oldest unread ones evicted first.
+        """
         self._stop_counting(topic)
+        if self.topics.get(topic.key) is not topic:
+            return
+        if topic.head == 0:
+            if not topic.subscribers:
+                self._retire(topic)
+            return
+        if topic not in self._ended:
+            self._ended[topic] = topic.bytes
+            self._ended_bytes += topic.bytes
+            self._evict_histories()
         if not topic.subscribers and topic.linger_handle is None and self.topics.get(topic.key) is topic:
             loop = asyncio.get_running_loop()
             topic.linger_handle = loop.call_later(self.limits.history_ttl, self._expire, topic)
+
+    def _evict_histories(self) -> None:
+        while self._ended_bytes > self.limits.ended_history_bytes:
+            victim = next((t for t in self._ended if not t.subscribers), None)
+            if victim is None:
+                return
+            self._retire(victim)
 
     def _stop_counting(self, topic: Topic) -> None:
         # An ended topic keeps its history for late resumes, but its upstream stream is over.
@@ -553,15 +658,17 @@ class Hub:
             for sub in list(topic.subscribers):
                 if sub.sending_since and now - sub.sending_since > timeout:
                     sub.close(SLOW_CONSUMER)
-                    sub.abort()
+                    try:
+                        sub.abort()
+                    except Exception:
+                        sub.fail("abort")
                 elif sub.deadline <= now:
                     sub.close(TOKEN_EXPIRED)
 
     def tick(self) -> None:
         """Wake every subscriber so idle ones send a heartbeat or notice the inactivity limit."""
         for topic in list(self.topics.values()):
-            for sub in list(topic.subscribers):
-                sub.wake()
+            topic.wake_all()
 
     async def run_ticker(self) -> None:
         """One clock for every subscriber: a sweep each second, a heartbeat wake-up each `heartbeat`."""

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -20,11 +21,12 @@ import httpx
 
 from gateway.backoff import parse_retry_after
 from gateway.config import UpstreamConfig
+from gateway.events import browser_json
 from gateway.health import UpstreamHealth
 from gateway.metrics import Metrics
-from gateway.upstream import upstream_error_code
+from gateway.upstream_answers import read_limited, read_prefix, redirect_target, upstream_error_code
 
-_MAX_BODY = 4 << 20
+log = logging.getLogger("gateway.polling")
 _CACHE_LIMIT = 10000
 
 
@@ -113,27 +115,48 @@ class Poller:
     async def _fetch(self, resource: str) -> PollResult:
         url = f"{self.config.base_url}/api/v1/{resource}"
         try:
-            response = await self.client.get(
-                url, headers={"X-API-Key": self.config.api_key or "", "Accept": "application/json"},
-                timeout=httpx.Timeout(self.config.connect_timeout))
+            async with self.client.stream(
+                    "GET", url, headers={"X-API-Key": self.config.api_key or "", "Accept": "application/json"},
+                    timeout=httpx.Timeout(self.config.connect_timeout), follow_redirects=False) as response:
+                status = response.status_code
+                if status >= 500:
+                    self.health.failure("http_5xx")
+                else:
+                    self.health.success()
+                return await self._result(resource, response)
         except httpx.HTTPError as exc:
             self.health.failure("timeout" if isinstance(exc, httpx.TimeoutException) else "error")
             return PollResult(502, _error("upstream_unavailable", "upstream did not answer"))
-        if response.status_code >= 500:
-            self.health.failure("http_5xx")
-        else:
-            self.health.success()
-        if response.status_code == 200:
-            return PollResult(200, response.content[:_MAX_BODY])
-        if response.status_code == 429:
+
+    async def _result(self, resource: str, response: httpx.Response) -> PollResult:
+        """The browser's answer for one upstream answer; a body is passed on only whole and as JSON."""
+        status = response.status_code
+        if status == 200:
+            body = await read_limited(response, self.config.max_response_bytes)
+            if body is None:
+                log.warning("upstream answer too large", extra={"limit": self.config.max_response_bytes})
+                return PollResult(502, _error("upstream_too_large", "the upstream's answer is larger than the "
+                                                                    "gateway passes on"))
+            try:
+                safe = browser_json(body.decode("utf-8"))
+            except UnicodeDecodeError:
+                safe = None
+            if safe is None:
+                return PollResult(502, _error("upstream_error", "the upstream's answer was not JSON"))
+            return PollResult(200, safe.encode())
+        if 300 <= status < 400:
+            log.warning("upstream redirect refused", extra={
+                "status": status, "location_origin": redirect_target(response.headers.get("location"))})
+            return PollResult(502, _error("upstream_error", f"upstream answered {status}; redirects are not followed"))
+        if status == 429:
             retry = parse_retry_after(response.headers.get("retry-after")) or 1.0
             return PollResult(429, _error("rate_limited", "upstream rate limit; retry later"), retry)
-        if response.status_code == 404:
+        if status == 404:
             return PollResult(404, _error("not_found", f"{resource} was not found upstream"))
-        if response.status_code in (401, 403):
+        if status in (401, 403):
             return PollResult(502, _error("upstream_refused", "upstream refused the gateway's credentials"))
-        code = upstream_error_code(response.content) or "upstream_error"
-        return PollResult(502, _error(code, f"upstream answered {response.status_code}"))
+        code = upstream_error_code(await read_prefix(response)) or "upstream_error"
+        return PollResult(502, _error(code, f"upstream answered {status}"))
 
 
 def _error(code: str, message: str) -> bytes:

@@ -29,6 +29,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import hashlib
 import json
 import logging
 import re
@@ -44,33 +45,35 @@ from redis.exceptions import RedisError, ResponseError
 from gateway.backoff import Backoff
 from gateway.closes import CATALOGUE, SUPERSEDED, UPSTREAM_UNAVAILABLE, CloseReason
 from gateway.config import BrokerConfig, LimitsConfig
-from gateway.events import TERMINAL_EVENTS, Event
+from gateway.events import Event
 from gateway.hub import Subscription, Topic
 from gateway.metrics import Metrics
 from gateway.polling import PollResult
+from gateway.streams import TERMINAL_EVENTS, is_decimal
 
 log = logging.getLogger("gateway.redis")
 
 T = TypeVar("T")
 
-# KEYS: lease, stream. ARGV: holder, maxlen, refuse_gap, then per entry its id, its field count and
-# its fields. One call appends a whole batch, so a burst from the upstream reaches the tailers as one
+# KEYS: lease, stream. ARGV: holder, maxlen, refuse_gap, ttl_ms, then per entry its id, its field count and
+# its fields. The stream's TTL is set on every append (a stream abandoned mid-run expires on its own).
+# One call appends a whole batch, so a burst from the upstream reaches the tailers as one
 # read. An entry at or below the stream's last id is already there (a batch resent after its reply was
 # lost, or history a new holder restores): it is skipped, so appending is idempotent. With refuse_gap
 # set, a batch that would leave a hole after the stream's last entry (Redis lost acknowledged entries)
 # is refused with `BEHIND <last ordinal>`, so the holder can put back what it has first.
 _FENCED_XADD = """
 if redis.call('GET', KEYS[1]) ~= ARGV[1] then return redis.error_reply('FENCED') end
-if ARGV[3] == '1' and ARGV[4] then
+if ARGV[3] == '1' and ARGV[5] then
   local top = redis.call('XREVRANGE', KEYS[2], '+', '-', 'COUNT', 1)
   local last = 0
   if top[1] then last = tonumber(string.match(top[1][1], '^(%d+)')) end
-  local ordinal, seq = string.match(ARGV[4], '^(%d+)-(%d+)$')
+  local ordinal, seq = string.match(ARGV[5], '^(%d+)-(%d+)$')
   local needs = tonumber(ordinal) - 1
   if seq == '1' then needs = needs + 1 end
   if needs > last then return redis.error_reply('BEHIND ' .. last) end
 end
-local i = 4
+local i = 5
 local count = 0
 while i <= #ARGV do
   local n = tonumber(ARGV[i + 1])
@@ -82,6 +85,7 @@ while i <= #ARGV do
   end
   i = i + n + 2
 end
+redis.call('PEXPIRE', KEYS[2], ARGV[4])
 return count
 """
 #: Most entries one fenced append carries.
@@ -89,9 +93,25 @@ MAX_BATCH = 256
 #: Longest a tailer's XREAD blocks (ms): well under the client's socket timeout (at least 2 s),
 #: so an idle stream never looks like a dead Redis.
 TAIL_BLOCK_MS = 1000
+# KEYS: lease, stream, fence. ARGV: holder, lease ttl_ms, keep ttl_ms. The holder keeps its stream and
+# fence counter alive with its lease; when nobody holds the lease they expire `keep` later.
 _RENEW = """
-if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  redis.call('PEXPIRE', KEYS[2], ARGV[3])
+  redis.call('PEXPIRE', KEYS[3], ARGV[3])
+  return redis.call('PEXPIRE', KEYS[1], ARGV[2])
+end
 return 0
+"""
+# KEYS: lease, fence. ARGV: holder prefix, nonce, lease ttl_ms, keep ttl_ms. Returns the new holder value
+# ("<prefix>:<fence>:<nonce>") or false when another replica holds the lease.
+_ACQUIRE = """
+if redis.call('EXISTS', KEYS[1]) == 1 then return false end
+local fence = redis.call('INCR', KEYS[2])
+redis.call('PEXPIRE', KEYS[2], ARGV[4])
+local holder = ARGV[1] .. ':' .. fence .. ':' .. ARGV[2]
+redis.call('SET', KEYS[1], holder, 'PX', ARGV[3])
+return holder
 """
 _RELEASE = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
@@ -105,30 +125,45 @@ class Fenced(Exception):
     """This replica no longer holds the lease it tried to write under."""
 
 
+def consumer_tag(consumer: str) -> str:
+    """A consumer as a key component: fixed length, no separator or brace whatever the token's `sub` holds."""
+    digest = hashlib.sha256(consumer.encode("utf-8", "surrogatepass")).digest()[:18]
+    return base64.urlsafe_b64encode(digest).decode()
+
+
 class Keys:
-    """Every Redis key the gateway uses, under one configurable prefix."""
+    """Every Redis key the gateway uses, under one configurable prefix.
+
+    A resource's keys all carry the resource as their hash tag (`gw:{evaluations/e1}:log`), so
+    they live in one Redis Cluster slot and the Lua scripts may touch several of them. Resource
+    ids never contain braces (`streams.resource_key`) and a consumer is hashed (`consumer_tag`),
+    so no two (resource, consumer) pairs share a key, whatever `:` either holds.
+    """
 
     def __init__(self, prefix: str) -> None:
         self.prefix = prefix
 
+    def _tagged(self, resource: str, name: str) -> str:
+        return f"{self.prefix}{{{resource}}}:{name}"
+
     def stream(self, resource: str) -> str:
-        # `log:`, not the earlier builds' `stream:`: their entry ids were clock readings, these are positions.
-        return f"{self.prefix}log:{resource}"
+        # `log`, not the earliest builds' `stream:`: their entry ids were clock readings, these are positions.
+        return self._tagged(resource, "log")
 
     def lease(self, resource: str) -> str:
-        return f"{self.prefix}lease:{resource}"
+        return self._tagged(resource, "lease")
 
     def fence(self, resource: str) -> str:
-        return f"{self.prefix}fence:{resource}"
+        return self._tagged(resource, "fence")
 
     def exclusive(self, consumer: str, resource: str) -> str:
-        return f"{self.prefix}excl:{resource}:{consumer}"
+        return self._tagged(resource, f"excl:{consumer_tag(consumer)}")
 
     def poll(self, resource: str) -> str:
-        return f"{self.prefix}poll:{resource}"
+        return self._tagged(resource, "poll")
 
     def decision(self, consumer: str, resource: str) -> str:
-        return f"{self.prefix}authz:{resource}:{consumer}"
+        return self._tagged(resource, f"authz:{consumer_tag(consumer)}")
 
     @property
     def supersede_channel(self) -> str:
@@ -148,6 +183,7 @@ class RedisClient:
             socket_connect_timeout=2.0, health_check_interval=10)
         self.healthy = False
         self.fenced_xadd = self.redis.register_script(_FENCED_XADD)
+        self.acquire = self.redis.register_script(_ACQUIRE)
         self.renew = self.redis.register_script(_RENEW)
         self.release = self.redis.register_script(_RELEASE)
 
@@ -192,7 +228,7 @@ def end_entry_id(ordinal: int) -> str:
 def entry_ordinal(entry_id: str) -> int:
     """The position an entry id stands for (its millisecond part)."""
     head, _, _ = entry_id.partition("-")
-    return int(head) if head.isdigit() else 0
+    return int(head) if head.isascii() and head.isdigit() else 0
 
 
 class _Sink:
@@ -228,7 +264,7 @@ class _Sink:
     def already_has(self, event_id: str) -> bool:
         """As `Topic.already_has`, against what this holder has appended."""
         last = self.last_id
-        if last is not None and event_id.isdigit() and last.isdigit():
+        if last is not None and is_decimal(event_id) and is_decimal(last):
             return int(event_id) <= int(last)
         return self.has_id(event_id)
 
@@ -261,7 +297,7 @@ class _Sink:
                 batch.append(self._queue.get_nowait())
             refuse_gap = True
             while True:
-                args = [self.holder, maxlen, "1" if refuse_gap else "0"]
+                args = [self.holder, maxlen, "1" if refuse_gap else "0", str(self.session.broker.keep_ms)]
                 for kind, item, ordinal in batch:
                     fields = _fields(kind, item)
                     args += [event_entry_id(ordinal) if kind == "event" else end_entry_id(ordinal),
@@ -309,6 +345,14 @@ class _Sink:
         await asyncio.gather(self._writer, return_exceptions=True)
 
 
+def _sent_at(fields: dict[str, str]) -> float:
+    """When the holder appended an entry (its wall clock), 0 if unknown."""
+    try:
+        return float(fields.get("t", "0") or 0)
+    except ValueError:
+        return 0.0
+
+
 def _fields(kind: str, item: Any) -> list[str]:
     if kind == "event":
         event: Event = item
@@ -328,6 +372,10 @@ class _Session:
         self.ordinal = 0
         #: What the local topic retains, with positions: a new holder restores it to a Redis that lost it.
         self.retained: deque[tuple[int, Event]] = deque(maxlen=broker.limits.replay_buffer)
+        #: Wall-clock creation time: ends that a retried stream's log still holds from before are stale.
+        self.started_at = time.time()
+        #: The ordinal of a stale end entry the tailer stepped over (it reads on after it).
+        self._skipped_end = -1
         loop = asyncio.get_running_loop()
         self.tasks = [loop.create_task(self._tail(), name=f"tail {topic.kind}"),
                       loop.create_task(self._lease_loop(), name=f"lease {topic.kind}")]
@@ -342,11 +390,15 @@ class _Session:
             # Read after where the local topic is (not after the last entry read): events the
             # holder published here directly while Redis was away are not read twice, and a
             # stream that Redis lost and the next holder refilled is read from the right place.
-            after = event_entry_id(self.ordinal)
+            after = end_entry_id(self.ordinal) if self._skipped_end == self.ordinal else event_entry_id(self.ordinal)
             try:
                 reply: Any = await client.call(lambda s=after: client.redis.xread(  # type: ignore[misc]
                     {stream: s}, count=1000, block=TAIL_BLOCK_MS))
             except (RedisError, OSError):
+                await asyncio.sleep(backoff.next())
+                continue
+            except Exception:  # a bug here must not silently stop every subscriber of the stream
+                log.exception("redis tail failed", extra={"stream_kind": self.topic.kind})
                 await asyncio.sleep(backoff.next())
                 continue
             backoff.reset()
@@ -354,17 +406,27 @@ class _Session:
                 for entry_id, fields in entries:
                     if self.topic.ended:
                         break
-                    self._apply(entry_ordinal(entry_id), fields)
+                    ordinal = entry_ordinal(entry_id)
+                    try:
+                        self._apply(ordinal, fields)
+                    except Exception:  # one bad entry is skipped, never read again in a loop
+                        log.exception("redis entry skipped", extra={"stream_kind": self.topic.kind})
+                        self.ordinal = max(self.ordinal, ordinal)
 
     def _apply(self, ordinal: int, fields: dict[str, str]) -> None:
         topic = self.topic
         if fields.get("k") == "x":
             reason = _REASONS.get(fields.get("c", ""))
+            if reason is not None and reason.reconnect and _sent_at(fields) < self.started_at:
+                # A feed failure worth retrying that happened before this topic existed: this topic is
+                # the fresh attempt, and a holder resumes after the last event (it deletes this entry).
+                self._skipped_end = ordinal
+                return
             topic.end(reason or UPSTREAM_UNAVAILABLE if fields.get("c") else None, fields.get("m") or None)
             return
         if ordinal <= self.ordinal:
             return
-        sent = float(fields.get("t", "0") or 0)
+        sent = _sent_at(fields)
         if sent:
             self.broker.metrics.tail_lag.observe(max(0.0, time.time() - sent))
         self._deliver(ordinal, Event(topic.key, fields.get("i", ""), fields.get("y", "message"),
@@ -428,8 +490,8 @@ class _Session:
         while not self.topic.ended:
             try:
                 if self.sink is not None:
-                    renewed = await client.call(lambda h=holder: client.renew(  # type: ignore[misc]
-                        keys=[keys.lease(self.topic.key)], args=[h, ttl_ms]))
+                    renewed = await client.call(lambda h=holder, k=self.topic.key: client.renew(  # type: ignore[misc]
+                        keys=[keys.lease(k), keys.stream(k), keys.fence(k)], args=[h, ttl_ms, broker.keep_ms]))
                     if not renewed:
                         self.lost_lease()
                 else:
@@ -439,26 +501,37 @@ class _Session:
             await asyncio.sleep(interval if self.sink is not None else interval / 2)
 
     async def _try_acquire(self, ttl_ms: int) -> str:
-        client = self.broker.client
+        broker = self.broker
+        client = broker.client
         keys = client.keys
         key = self.topic.key
-        if await client.call(lambda: client.redis.exists(keys.lease(key))):
+        acquired: Any = await client.call(lambda: client.acquire(
+            keys=[keys.lease(key), keys.fence(key)],
+            args=[broker.replica_id, secrets.token_hex(4), ttl_ms, broker.keep_ms]))
+        if not acquired:
             return ""
-        fence = await client.call(lambda: client.redis.incr(keys.fence(key)))
-        holder = f"{self.broker.replica_id}:{fence}:{secrets.token_hex(4)}"
-        if not await client.call(lambda: client.redis.set(keys.lease(key), holder, nx=True, px=ttl_ms)):
-            return ""
-        last: Any = await client.call(lambda: client.redis.xrevrange(keys.stream(key), count=1))
+        holder = str(acquired)
+        fence = holder.split(":")[-2]
+        entries: Any = list(await client.call(lambda: client.redis.xrevrange(keys.stream(key), count=2)) or ())
         last_id: str | None = None
         ordinal = 0
-        if last:
-            entry_id, fields = last[0]
-            if fields.get("k") == "x" or fields.get("y") in TERMINAL_EVENTS:
+        if entries and entries[0][1].get("k") == "x":
+            reason = _REASONS.get(entries[0][1].get("c", ""))
+            if reason is None or not reason.reconnect:
+                await client.call(lambda: client.release(keys=[keys.lease(key)], args=[holder]))
+                return ""
+            # The last feed failed in a way worth retrying: this holder resumes after the last event,
+            # and the stale ending goes, so no newcomer is served it.
+            stale = entries.pop(0)[0]
+            await client.call(lambda: client.redis.xdel(keys.stream(key), stale))
+        if entries:
+            entry_id, fields = entries[0]
+            if fields.get("y") in TERMINAL_EVENTS:
                 await client.call(lambda: client.release(keys=[keys.lease(key)], args=[holder]))
                 return ""
             last_id = fields.get("i") or None
             ordinal = entry_ordinal(entry_id)
-            self.broker.metrics.lease_takeovers.inc()
+            broker.metrics.lease_takeovers.inc()
         # Redis may have lost the stream (a restart without persistence) while this replica's topic
         # holds more: put that back first (other replicas may lack it: the old holder's direct
         # deliveries, entries not tailed yet), then resume upstream after it.
@@ -537,18 +610,32 @@ class RedisBroker:
     def healthy(self) -> bool:
         return self.client.healthy
 
+    @property
+    def keep_ms(self) -> int:
+        """How long a resource's log and fence outlive their last append or lease renewal (ms).
+
+        A live stream's holder renews them with its lease; an abandoned one's expire on their own.
+        """
+        lease = self.config.lease_ttl
+        return int((max(self.limits.history_ttl, 2 * lease) + lease) * 1000)
+
     def spawn(self, coro: Coroutine[Any, Any, None]) -> None:
         task = asyncio.get_running_loop().create_task(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
     def attach(self, topic: Topic) -> None:
+        previous = self._sessions.get(topic.key)
         self._sessions[topic.key] = _Session(self, topic)
+        if previous is not None:  # the hub replaced an ended topic with a fresh attempt
+            self.spawn(previous.aclose())
 
     async def detach(self, topic: Topic) -> None:
-        session = self._sessions.pop(topic.key, None)
-        if session is not None:
-            await session.aclose()
+        session = self._sessions.get(topic.key)
+        if session is None or session.topic is not topic:
+            return
+        del self._sessions[topic.key]
+        await session.aclose()
 
     async def aclose(self) -> None:
         sessions = list(self._sessions.values())

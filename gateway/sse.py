@@ -54,6 +54,13 @@ def encode_retry(milliseconds: int) -> bytes:
     return f"retry: {int(milliseconds)}\n\n".encode()
 
 
+class EventTooLarge(ValueError):
+    """One line, or one event's data, grew past the decoder's `max_event_bytes`."""
+
+
+_BOM = b"\xef\xbb\xbf"
+
+
 class SSEDecoder:
     """Incremental SSE parser.
 
@@ -62,13 +69,21 @@ class SSEDecoder:
     (ignored when it contains NUL) and `retry` (ASCII digits only). `last_event_id` is
     the stream's last-event-ID buffer, which persists across events as the spec says;
     `retry` is the latest reconnection time the server asked for, in milliseconds.
+
+    Every byte is scanned once (an incomplete line is kept as pieces, joined once when it
+    ends), so a line that never ends costs linear time; with `max_event_bytes` set, a line
+    or an event's data past that size raises `EventTooLarge` instead of growing memory.
     """
 
-    def __init__(self) -> None:
-        self._buffer = b""
+    def __init__(self, max_event_bytes: int | None = None) -> None:
+        self.max_event_bytes = max_event_bytes
+        self._parts: list[bytes] = []  # the line being received, in pieces
+        self._partial = 0  # its size
         self._pending_cr = False
         self._bom_checked = False
+        self._head = b""  # the first bytes, held until it is known whether they are a BOM
         self._data: list[str] = []
+        self._data_bytes = 0
         self._event = ""
         self._id_seen = False
         self.last_event_id = ""
@@ -78,43 +93,63 @@ class SSEDecoder:
         """Consume bytes and yield every event they complete."""
         if not chunk:
             return  # an empty read must not forget a CR that may be half of a CRLF
-        if self._pending_cr and chunk.startswith(b"\n"):
-            chunk = chunk[1:]
-        self._pending_cr = False
-        buffer = self._buffer + chunk
         if not self._bom_checked:
-            if len(buffer) < 3 and b"\xef\xbb\xbf".startswith(buffer):
-                self._buffer = buffer
+            chunk = self._head + chunk
+            if len(chunk) < 3 and _BOM.startswith(chunk):
+                self._head = chunk
                 return
-            if buffer.startswith(b"\xef\xbb\xbf"):
-                buffer = buffer[3:]
+            self._head = b""
             self._bom_checked = True
+            if chunk.startswith(_BOM):
+                chunk = chunk[3:]
+                if not chunk:
+                    return
+        if self._pending_cr:
+            self._pending_cr = False
+            if chunk.startswith(b"\n"):
+                chunk = chunk[1:]
         start = 0
-        length = len(buffer)
-        cr = lf = -2  # next CR / LF at or after `start`; -1 once none is left in the buffer
+        length = len(chunk)
+        cr = lf = -2  # next CR / LF at or after `start`; -1 once none is left in the chunk
         while start < length:
             if -1 != cr < start:
-                cr = buffer.find(b"\r", start)
+                cr = chunk.find(b"\r", start)
             if -1 != lf < start:
-                lf = buffer.find(b"\n", start)
+                lf = chunk.find(b"\n", start)
             if cr == -1 and lf == -1:
                 break
             if cr != -1 and (lf == -1 or cr < lf):
                 end = cr
                 if cr + 1 < length:
-                    nxt = cr + 2 if buffer[cr + 1 : cr + 2] == b"\n" else cr + 1
+                    nxt = cr + 2 if chunk[cr + 1] == 0x0A else cr + 1
                 else:
                     nxt = cr + 1
                     self._pending_cr = True
             else:
                 end = lf
                 nxt = lf + 1
-            line = buffer[start:end].decode("utf-8", errors="replace")
+            if self._parts:
+                self._parts.append(chunk[start:end])
+                raw = b"".join(self._parts)
+                self._parts.clear()
+                self._partial = 0
+            else:
+                raw = chunk[start:end]
             start = nxt
-            event = self._process_line(line)
+            self._check(len(raw))
+            event = self._process_line(raw.decode("utf-8", errors="replace"))
             if event is not None:
                 yield event
-        self._buffer = buffer[start:]
+        if start < length:
+            rest = chunk[start:] if start else chunk
+            self._parts.append(rest)
+            self._partial += len(rest)
+            self._check(self._partial)
+
+    def _check(self, line_bytes: int) -> None:
+        limit = self.max_event_bytes
+        if limit is not None and self._data_bytes + line_bytes > limit:
+            raise EventTooLarge(f"an event over {limit} bytes")
 
     def _process_line(self, line: str) -> SSEEvent | None:
         if line == "":
@@ -126,13 +161,14 @@ class SSEDecoder:
             value = value[1:]
         if name == "data":
             self._data.append(value)
+            self._data_bytes += len(value) + 1
         elif name == "event":
             self._event = value
         elif name == "id":
             if "\0" not in value:
                 self.last_event_id = value
                 self._id_seen = True
-        elif name == "retry" and value.isascii() and value.isdigit():
+        elif name == "retry" and 0 < len(value) <= 9 and value.isascii() and value.isdigit():
             self.retry = int(value)
         return None
 
@@ -146,5 +182,6 @@ class SSEDecoder:
             id=self.last_event_id if self._id_seen else None,
         )
         self._data = []
+        self._data_bytes = 0
         self._event = ""
         return event

@@ -29,10 +29,11 @@ from gateway.config import LimitsConfig
 from gateway.direct import Output, Sink, detacher
 from gateway.errors import GatewayError, LimitError, respond
 from gateway.hub import Hub, StreamUnavailable, Subscription
-from gateway.limits import ConnectionLimiter, ExclusiveStreams
+from gateway.limits import ConnectionLimiter, ExclusiveStreams, StreamQuota
 from gateway.logs import new_request_id, request_id
 from gateway.metrics import Deliveries, Metrics
 from gateway.sse import encode_comment, encode_event, encode_retry
+from gateway.streams import JOB_KIND, resume_id
 from gateway.types import Receive, Scope, Send
 
 log = logging.getLogger("gateway.sse")
@@ -71,11 +72,12 @@ class SSEStreams:
 
     def __init__(self, hub: Hub, admission: Admission, limiter: ConnectionLimiter, exclusive: ExclusiveStreams,
                  limits: LimitsConfig, metrics: Metrics, clock: Callable[[], float] = time.monotonic,
-                 wall_clock: Callable[[], float] = time.time) -> None:
+                 wall_clock: Callable[[], float] = time.time, quota: StreamQuota | None = None) -> None:
         self.hub = hub
         self.admission = admission
         self.limiter = limiter
         self.exclusive = exclusive
+        self.quota = quota or StreamQuota(limits.max_streams_per_consumer)
         self.limits = limits
         self.metrics = metrics
         self.clock = clock
@@ -99,7 +101,8 @@ class SSEStreams:
             consumer = admitted.principal.consumer
             self.limiter.check(consumer, admitted.client_ip)
             self.exclusive.check(consumer, resource)
-            after_id = headers.get("last-event-id") or _query_value(scope, "lastEventId")
+            self.quota.check(consumer, resource)
+            after_id = resume_id(headers.get("last-event-id") or _query_value(scope, "lastEventId"))
             sub = self.hub.subscribe(resource, after_id, consumer)
         except LimitError as exc:
             self.metrics.limit_rejections.labels(exc.reason).inc()
@@ -125,9 +128,11 @@ class SSEStreams:
                 await send({"type": "http.response.body", "body": b""})
                 return
             self.limiter.acquire(consumer, ip)
+            self.quota.acquire(consumer, resource)  # checked above, with nothing awaited since
             try:
                 await self.exclusive.acquire(consumer, resource, sub)
             except BaseException as exc:
+                self.quota.release(consumer, resource)
                 self.limiter.release(consumer, ip)
                 if not isinstance(exc, LimitError):
                     raise
@@ -135,7 +140,7 @@ class SSEStreams:
                 self.metrics.limit_rejections.labels(exc.reason).inc()
                 await respond(send, exc, cors)
                 return
-            stream = _Stream(self, sub, consumer, ip, resource, admitted.principal.expires_at)
+            stream = _Stream(self, sub, consumer, ip, resource, admitted.principal.valid_until)
         finally:
             if stream is None:
                 self.hub.unsubscribe(sub)
@@ -278,7 +283,7 @@ class _Stream:
 
     def _poll_url(self) -> str | None:
         topic = self.sub.topic
-        if self.sub.close_reason is INACTIVITY_TIMEOUT and topic.kind != "optimizations":
+        if self.sub.close_reason is INACTIVITY_TIMEOUT and topic.kind != JOB_KIND:
             return f"/api/v1/{topic.kind}/{topic.resource_id}"
         return None
 
@@ -302,6 +307,7 @@ class _Stream:
         if self.out is not None:
             owner.metrics.subscribers.labels("sse", sub.topic.kind).dec()
         owner.exclusive.leave(self.consumer, self.resource, sub)
+        owner.quota.release(self.consumer, self.resource)
         owner.limiter.release(self.consumer, self.ip)
         owner.hub.unsubscribe(sub)
         if reason is not None:

@@ -11,9 +11,7 @@ already published, so subscribers see neither a gap nor a duplicate. 409 and 429
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
-import re
 from collections.abc import Callable
 
 import httpx
@@ -26,29 +24,25 @@ from gateway.health import UpstreamHealth
 from gateway.hub import Topic
 from gateway.logs import new_request_id, request_id
 from gateway.metrics import Metrics
-from gateway.sse import SSEDecoder
+from gateway.sse import EventTooLarge, SSEDecoder
+from gateway.streams import JOB_KIND
+from gateway.upstream_answers import RETRYABLE_STATUS, read_prefix, redirect_target, upstream_error_code
 from gateway.upstream_ws import OptimizationMux
 
 log = logging.getLogger("gateway.upstream")
 
-_RETRYABLE = frozenset({408, 409, 425, 429})
-_SAFE_CODE = re.compile(r"[A-Za-z0-9_.-]{1,64}")
-_ERROR_BODY_LIMIT = 4096
-
-
-def upstream_error_code(body: bytes) -> str | None:
-    """The upstream's `error.code`, if it is a plain identifier (never free text that could echo input)."""
-    try:
-        parsed = json.loads(body[:_ERROR_BODY_LIMIT])
-    except ValueError:
-        return None
-    error = parsed.get("error") if isinstance(parsed, dict) else None
-    code = error.get("code") if isinstance(error, dict) else None
-    return code if isinstance(code, str) and _SAFE_CODE.fullmatch(code) else None
+_RETRYABLE = RETRYABLE_STATUS
 
 
 class FeedError(Exception):
     """The upstream answered in a way that ends the stream (401/403/404 and other final 4xx)."""
+
+
+def refuse_redirect(status: int, location: str | None, stream_kind: str) -> FeedError:
+    """A 3xx from the upstream is a failure: the API key goes only to `upstream.base_url`'s origin."""
+    log.warning("upstream redirect refused", extra={
+        "stream_kind": stream_kind, "status": status, "location_origin": redirect_target(location)})
+    return FeedError(f"upstream answered {status} (a redirect; the gateway does not follow redirects)")
 
 
 class SSEFeed:
@@ -109,12 +103,15 @@ class SSEFeed:
         if last is not None and self.upstream_ids:
             headers["Last-Event-ID"] = last
         timeout = httpx.Timeout(self.config.read_timeout, connect=self.config.connect_timeout)
-        async with self.client.stream("GET", self.url, headers=headers, timeout=timeout) as response:
+        async with self.client.stream("GET", self.url, headers=headers, timeout=timeout,
+                                      follow_redirects=False) as response:
             status = response.status_code
             if status < 500:
                 self.health.success()
+            if 300 <= status < 400:
+                raise refuse_redirect(status, response.headers.get("location"), self.topic.kind)
             if status != 200:
-                body = await response.aread() if status < 500 else b""
+                body = await read_prefix(response) if status < 500 else b""
                 code = upstream_error_code(body)
                 if status in _RETRYABLE or status >= 500:
                     retry_after = parse_retry_after(response.headers.get("retry-after"),
@@ -128,8 +125,17 @@ class SSEFeed:
             return await self._consume(response)
 
     async def _consume(self, response: httpx.Response) -> int:
+        try:
+            return await self._decode(response)
+        except EventTooLarge:
+            log.warning("upstream event too large", extra={
+                "stream_kind": self.topic.kind, "limit": self.config.max_event_bytes})
+            raise FeedError(f"the upstream sent an event larger than upstream.max_event_bytes "
+                            f"({self.config.max_event_bytes} bytes)") from None
+
+    async def _decode(self, response: httpx.Response) -> int:
         topic = self.topic
-        decoder = SSEDecoder()
+        decoder = SSEDecoder(self.config.max_event_bytes)
         skip = 0 if self.upstream_ids or topic.ordinal == 0 else topic.ordinal
         seen = 0
         published = 0
@@ -178,7 +184,7 @@ class UpstreamPool:
         self.health = health or UpstreamHealth(clock)
         self.client = client or httpx.AsyncClient(
             limits=httpx.Limits(max_connections=None, max_keepalive_connections=32),
-            follow_redirects=False,
+            follow_redirects=False,  # the API key goes to the upstream's origin only
         )
         #: Keyed by the fed object itself: in shared mode a replica can lose and retake a lease, and
         #: the old feed's teardown must never cancel the new one for the same resource.
@@ -187,7 +193,7 @@ class UpstreamPool:
         self.mux = OptimizationMux(config, metrics, clock, health=self.health)
 
     def attach(self, topic: Topic) -> None:
-        if topic.kind == "optimizations":
+        if topic.kind == JOB_KIND:
             self.mux.attach(topic)
             return
         task = asyncio.get_running_loop().create_task(self._run(topic), name=f"feed {topic.kind}")
@@ -211,7 +217,7 @@ class UpstreamPool:
                 del self._tasks[topic]
 
     async def detach(self, topic: Topic) -> None:
-        if topic.kind == "optimizations":
+        if topic.kind == JOB_KIND:
             await self.mux.detach(topic)
             return
         task = self._tasks.pop(topic, None)

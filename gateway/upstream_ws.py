@@ -25,6 +25,7 @@ from typing import Any, Literal
 
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
+from websockets.frames import CloseCode
 
 from gateway.backoff import Backoff, parse_retry_after
 from gateway.closes import UPSTREAM_FAILED, UPSTREAM_UNAVAILABLE, CloseReason
@@ -33,19 +34,29 @@ from gateway.events import Event
 from gateway.health import UpstreamHealth
 from gateway.hub import Topic
 from gateway.metrics import Metrics
+from gateway.streams import JOB_KIND, id_value
+from gateway.upstream_answers import RETRYABLE_STATUS, redirect_target
 
 log = logging.getLogger("gateway.upstream.ws")
 
-KIND = "optimizations"
-MAX_UPSTREAM_MESSAGE = 1 << 20
-"""Largest upstream message accepted (bytes); a job event is a few KB at most."""
+KIND = JOB_KIND
 CLOSE_TIMEOUT = 2.0
 """Seconds to wait for the upstream's close handshake before dropping the socket."""
 
-_RETRYABLE_STATUS = frozenset({408, 409, 425, 429})
+
+class _NoRedirects(connect):
+    """`websockets.connect` that never follows a redirect: the API key goes to the configured origin only."""
+
+    def process_redirect(self, exc: Exception) -> Exception | str:
+        return exc
 _SAFE = re.compile(r"[A-Za-z0-9_.:-]{1,128}")
 
 State = Literal["subscribing", "subscribed", "unsubscribing"]
+
+
+def _null_constant(name: str) -> None:
+    """`NaN`/`Infinity` in an upstream message become `null`: browsers' `JSON.parse` rejects them."""
+    return None
 
 
 class _Fatal(Exception):
@@ -64,7 +75,7 @@ class OptimizationMux:
 
     def __init__(self, config: UpstreamConfig, metrics: Metrics, clock: Callable[[], float],
                  backoff: Backoff | None = None, health: UpstreamHealth | None = None,
-                 connector: Callable[..., Any] = connect) -> None:
+                 connector: Callable[..., Any] = _NoRedirects) -> None:
         self.config = config
         self.metrics = metrics
         self.clock = clock
@@ -138,11 +149,21 @@ class OptimizationMux:
                 log.warning("upstream refused the optimization socket", extra={"detail": str(exc)})
                 self._end_all(UPSTREAM_FAILED, str(exc))
                 return
+            except ConnectionClosed as exc:
+                if exc.sent is not None and exc.sent.code == CloseCode.MESSAGE_TOO_BIG:
+                    # The message cannot be read, so not attributed to one job; resubscribing would only
+                    # replay it. Every job on the socket ends, told why (not an endless retry loop).
+                    log.warning("upstream message too large", extra={
+                        "stream_kind": KIND, "limit": self.config.max_event_bytes})
+                    self._end_all(UPSTREAM_FAILED, "the upstream sent a message larger than "
+                                  f"upstream.max_event_bytes ({self.config.max_event_bytes} bytes)")
+                    return
+                reason = "error"
             except _Retry as exc:
                 reason, floor = exc.reason, exc.retry_after
             except TimeoutError:
                 reason = "timeout"
-            except (OSError, InvalidHandshake, ConnectionClosed):
+            except (OSError, InvalidHandshake):
                 reason = "error"
             if reason in ("timeout", "error", "http_5xx"):
                 self.health.failure(reason)
@@ -158,12 +179,18 @@ class OptimizationMux:
                 self.url, additional_headers={"X-API-Key": self.config.api_key or ""},
                 open_timeout=self.config.connect_timeout, ping_interval=self.config.ws_ping_interval,
                 ping_timeout=self.config.ws_ping_interval, close_timeout=CLOSE_TIMEOUT,
-                max_size=MAX_UPSTREAM_MESSAGE)
+                max_size=self.config.max_event_bytes)
         except InvalidStatus as exc:
             status = exc.response.status_code
             if status < 500:
                 self.health.success()
-            if status in _RETRYABLE_STATUS or status >= 500:
+            if 300 <= status < 400:
+                log.warning("upstream redirect refused", extra={
+                    "stream_kind": KIND, "status": status,
+                    "location_origin": redirect_target(exc.response.headers.get("Location"))})
+                raise _Fatal(f"upstream answered {status} (a redirect; the gateway does not follow redirects)") \
+                    from None
+            if status in RETRYABLE_STATUS or status >= 500:
                 retry_after = parse_retry_after(exc.response.headers.get("Retry-After"), self.config.backoff_max * 4)
                 raise _Retry(f"http_{status if status < 500 else '5xx'}", retry_after or 0.0) from None
             raise _Fatal(f"upstream answered {status}") from None
@@ -200,7 +227,7 @@ class OptimizationMux:
                     continue
                 message: dict[str, Any] = {"type": "subscribe", "jobId": job_id}
                 if topic.last_id is not None:
-                    message["afterEventId"] = int(topic.last_id) if topic.last_id.isdigit() else topic.last_id
+                    message["afterEventId"] = id_value(topic.last_id)
                 self._upstream[job_id] = ("subscribing", topic)
                 await ws.send(json.dumps(message, separators=(",", ":")))
             for job_id, (state, topic) in list(self._upstream.items()):
@@ -216,13 +243,16 @@ class OptimizationMux:
 
     async def _read(self, ws: ClientConnection) -> None:
         async for raw in ws:
-            self._handle(raw if isinstance(raw, str) else raw.decode("utf-8", errors="replace"))
+            try:
+                self._handle(raw if isinstance(raw, str) else raw.decode("utf-8", errors="replace"))
+            except Exception:  # one bad message (or one bad topic) must not take every job down
+                log.exception("upstream job message failed", extra={"stream_kind": KIND})
         raise _Retry("closed")
 
     def _handle(self, text: str) -> None:
         try:
-            message = json.loads(text)
-        except ValueError:
+            message = json.loads(text, parse_constant=_null_constant)
+        except (ValueError, RecursionError):
             log.warning("upstream sent a message that is not JSON")
             return
         if not isinstance(message, dict):
@@ -260,7 +290,7 @@ class OptimizationMux:
         event_id = str(raw_id)
         if topic.already_has(event_id):
             return
-        data = json.dumps(envelope, separators=(",", ":"), ensure_ascii=False)
+        data = json.dumps(envelope, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
         topic.publish(Event(topic.key, event_id, event_type, data, self.clock()))
         self.metrics.upstream_events.labels(KIND).inc()
         if topic.ended:

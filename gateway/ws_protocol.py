@@ -12,14 +12,10 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-from gateway.admission import parse_stream_name
-from gateway.errors import GatewayError
+from gateway.streams import JOB_KIND, StreamNameError, is_event_id, parse_stream_name
 
 SUBPROTOCOL = "gateway.v1"
 """Offered by browsers (with `bearer.<token>`) and selected by the gateway."""
-MAX_EVENT_ID_LENGTH = 128
-"""Longest `afterEventId` accepted; upstream ids are small integers."""
-JOB_KIND = "optimizations"
 
 
 class ProtocolError(Exception):
@@ -87,7 +83,7 @@ def _stream(message: dict[str, Any], kind: str) -> str:
         name = f"{JOB_KIND}/{job_id}"
     try:
         stream = parse_stream_name(name)
-    except GatewayError as exc:
+    except StreamNameError as exc:
         raise ProtocolError("invalid_stream", exc.message) from None
     if job_id is not None and stream != f"{JOB_KIND}/{job_id}":
         raise ProtocolError("invalid_message", "'stream' and 'jobId' name different streams")
@@ -95,16 +91,23 @@ def _stream(message: dict[str, Any], kind: str) -> str:
 
 
 def _event_id(value: object, stream: str) -> str | None:
-    """`afterEventId` as the hub's string id: integers as their decimal text, strings verbatim."""
+    """`afterEventId` as the hub's string id: integers as their decimal text, strings verbatim.
+
+    Anything that cannot be an event id (`streams.is_event_id`: visible ASCII, at most 128
+    characters) is refused here, where it enters, with an error frame.
+    """
     if value is None:
         return None
     if isinstance(value, int) and not isinstance(value, bool):
         if value < 0:
             raise ProtocolError("invalid_message", "'afterEventId' must not be negative", stream)
-        return str(value)
-    if isinstance(value, str) and 0 < len(value) <= MAX_EVENT_ID_LENGTH and value.isprintable():
+        text = str(value)
+        if is_event_id(text):
+            return text
+    elif isinstance(value, str) and is_event_id(value):
         return value
-    raise ProtocolError("invalid_message", "'afterEventId' must be an integer or a short string", stream)
+    raise ProtocolError("invalid_message", "'afterEventId' must be an integer or an id of at most 128 visible "
+                        "ASCII characters", stream)
 
 
 # -- server messages ------------------------------------------------------------------------------

@@ -22,7 +22,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import re
 import time
 from collections import deque
 from collections.abc import Callable
@@ -42,10 +41,11 @@ from gateway.direct import FrameOutput, frame_output
 from gateway.errors import GatewayError, LimitError
 from gateway.events import Event
 from gateway.hub import Hub, StreamUnavailable, Subscription
-from gateway.limits import ConnectionLimiter, ExclusiveStreams
+from gateway.limits import ConnectionLimiter, ExclusiveStreams, StreamQuota
 from gateway.logs import new_request_id, request_id
 from gateway.metrics import Deliveries, Metrics
 from gateway.ratelimit import TokenBucket
+from gateway.streams import JOB_KIND, id_value
 from gateway.types import Receive, Scope, Send
 
 log = logging.getLogger("gateway.ws")
@@ -65,16 +65,6 @@ STRIKE_WINDOW = 10.0
 """More than `message_burst` refused (rate-limited or invalid) messages within about this many seconds
 closes the socket with `policy_violation`."""
 
-_INT = re.compile(r"0|[1-9][0-9]{0,17}")
-
-
-def _id_value(event_id: str | None) -> int | str | None:
-    """Ids travel as JSON numbers when they are integers, as upstream sends them."""
-    if event_id is not None and _INT.fullmatch(event_id):
-        return int(event_id)
-    return event_id
-
-
 def _noop() -> None:
     return None
 
@@ -84,11 +74,13 @@ class WebSocketStreams:
 
     def __init__(self, hub: Hub, admission: Admission, limiter: ConnectionLimiter, exclusive: ExclusiveStreams,
                  limits: LimitsConfig, config: WebSocketConfig, metrics: Metrics,
-                 clock: Callable[[], float] = time.monotonic, wall_clock: Callable[[], float] = time.time) -> None:
+                 clock: Callable[[], float] = time.monotonic, wall_clock: Callable[[], float] = time.time,
+                 quota: StreamQuota | None = None) -> None:
         self.hub = hub
         self.admission = admission
         self.limiter = limiter
         self.exclusive = exclusive
+        self.quota = quota or StreamQuota(limits.max_streams_per_consumer)
         self.limits = limits
         self.config = config
         self.metrics = metrics
@@ -210,7 +202,7 @@ class WSConnection:
     async def serve(self) -> None:
         """Run reader and writer until one ends; release every subscription whatever happens."""
         loop = asyncio.get_running_loop()
-        expires_in = max(0.0, self.admitted.principal.expires_at - self.owner.wall_clock())
+        expires_in = max(0.0, self.admitted.principal.valid_until - self.owner.wall_clock())
         expiry = loop.call_later(expires_in, self.close, TOKEN_EXPIRED)
         reader = loop.create_task(self._read())
         writer = self._writer = loop.create_task(self._write())
@@ -284,10 +276,13 @@ class WSConnection:
                 self.close(SHUTTING_DOWN)
                 return
             owner.exclusive.check(self.consumer, stream)
+            owner.quota.check(self.consumer, stream)
             sub = owner.hub.subscribe(stream, command.after_event_id, self.consumer)
+            owner.quota.acquire(self.consumer, stream)  # checked above, with nothing awaited since
             try:
                 await owner.exclusive.acquire(self.consumer, stream, sub)
-            except GatewayError:
+            except BaseException:
+                owner.quota.release(self.consumer, stream)
                 owner.hub.unsubscribe(sub)
                 raise
         except StreamUnavailable as exc:
@@ -322,6 +317,7 @@ class WSConnection:
         self.bytes_sent += sub.sent_bytes
         self.owner.hub.unsubscribe(sub)
         self.owner.exclusive.leave(self.consumer, stream, sub)
+        self.owner.quota.release(self.consumer, stream)
         self.owner.metrics.subscribers.labels("ws", watch.kind).dec()
         return watch
 
@@ -333,9 +329,9 @@ class WSConnection:
             self.owner.metrics.closes.labels(reason.code).inc()
             topic = watch.sub.topic
             poll = (f"/api/v1/{topic.kind}/{topic.resource_id}"
-                    if reason is INACTIVITY_TIMEOUT and topic.kind != "optimizations" else None)
+                    if reason is INACTIVITY_TIMEOUT and topic.kind != JOB_KIND else None)
             self._reply(proto.error(reason.code, reason.message, watch.stream, reconnect=reason.reconnect,
-                                    lastEventId=_id_value(watch.sub.last_id()), detail=detail, poll=poll))
+                                    lastEventId=id_value(watch.sub.last_id()), detail=detail, poll=poll))
         self._reply(proto.unsubscribed(watch.stream))
 
     def _announce_continuity_lost(self, watch: _Watch) -> None:
@@ -344,7 +340,7 @@ class WSConnection:
         first = topic.events[0].id if topic.events else None
         self._reply(proto.error("continuity_lost", "the requested position is no longer available; "
                                 "the retained history follows", watch.stream,
-                                reason=watch.sub.continuity_lost, oldestRetainedId=_id_value(first)))
+                                reason=watch.sub.continuity_lost, oldestRetainedId=id_value(first)))
         watch.sub.continuity_lost = None  # told; a later hole is told again
 
     # -- reader -----------------------------------------------------------------------------------

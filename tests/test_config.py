@@ -69,7 +69,8 @@ class TestValid:
 
     def test_public_key_algorithm_without_secret(self) -> None:
         data = minimal()
-        data["auth"]["jwt"] = {"algorithms": ["RS256"], "jwks_url": "https://idp.example.com/jwks"}
+        data["auth"]["jwt"] = {"algorithms": ["RS256"], "jwks_url": "https://idp.example.com/jwks",
+                               "audience": "stratix-gateway"}
         assert parse_config(data, {}).auth.jwt.secret is None
 
     def test_redis_broker_with_url(self) -> None:
@@ -328,3 +329,35 @@ class TestExampleConfig:
         walk(document, "")
         assert document["upstream"]["api_key"] == "${STRATIX_API_KEY}"
         assert document["auth"]["jwt"]["secret"] == "${GATEWAY_JWT_SECRET}"
+
+
+class TestIsolationKeys:
+    """The keys and refusals of issue 13, with their defaults."""
+
+    def test_defaults(self) -> None:
+        config = parse_config(minimal(), {})
+        assert config.upstream.max_event_bytes == 1 << 20
+        assert config.upstream.max_response_bytes == 4 << 20
+        assert config.limits.max_streams_per_consumer == 64
+        assert config.limits.ended_history_bytes == 256 << 20
+        assert (config.auth.authorize_concurrency, config.auth.authorize_failure_ttl) == (16, 5.0)
+
+    def test_any_origin_is_refused_with_a_reason(self) -> None:
+        [problem] = problems(minimal(server={"allowed_origins": ["https://ok.example", "*"]}))
+        assert problem.startswith("server.allowed_origins: '*' is refused")
+
+    def test_jwks_needs_an_audience(self) -> None:
+        data = minimal()
+        data["auth"]["jwt"] = {"algorithms": ["ES256"], "jwks_url": "https://idp.example.com/jwks"}
+        [problem] = problems(data)
+        assert problem.startswith("auth.jwt: auth.jwt.audience is required with jwks_url")
+
+    def test_key_prefix_cannot_break_hash_tags(self) -> None:
+        [problem] = problems(minimal(broker={"kind": "redis", "url": "redis://r", "key_prefix": "{gw}:"}))
+        assert problem.startswith("broker.key_prefix: must not contain")
+
+    def test_bounds(self) -> None:
+        found = problems(minimal(upstream={"max_event_bytes": 10}, limits={"max_streams_per_consumer": 0},
+                                 auth={"authorize_concurrency": 0}))
+        assert sorted(p.split(":")[0] for p in found) == [
+            "auth.authorize_concurrency", "limits.max_streams_per_consumer", "upstream.max_event_bytes"]

@@ -6,7 +6,7 @@ from typing import Any
 
 import pytest
 
-from gateway.closes import SHUTTING_DOWN, SLOW_CONSUMER, TOKEN_EXPIRED, UPSTREAM_FAILED
+from gateway.closes import SHUTTING_DOWN, SLOW_CONSUMER, TOKEN_EXPIRED, UPSTREAM_FAILED, UPSTREAM_UNAVAILABLE
 from gateway.config import LimitsConfig
 from gateway.events import Event
 from gateway.hub import MAX_EVENTS_PER_WRITE, FlushQueue, Hub, StreamUnavailable, Subscription, Topic
@@ -645,3 +645,132 @@ class TestDirectPass:
         assert other_out.writes[0] is ws_out.writes[0]  # joined once for every WebSocket
         assert ws_sub.sent_bytes == len(ws_out.writes[0])
         assert sum(writes for writes, _ in tally.calls) == 3
+
+
+class Exploding:
+    """A subscriber's socket whose every write raises (a bug in one transport, say)."""
+
+    paused = False
+
+    def write(self, data: bytes) -> None:
+        raise RuntimeError("broken socket")
+
+
+class TestIsolation:
+    """An exception while serving one subscriber stays with that subscriber (issue 13)."""
+
+    async def test_a_failing_subscriber_is_cut_off_and_the_others_get_every_event(self) -> None:
+        hub, _, _, _ = make_hub()
+        tally = Tally()
+        good = [hub.subscribe(KEY) for _ in range(3)]
+        bad_write, bad_wake = hub.subscribe(KEY), hub.subscribe(KEY)
+        outputs = [direct(sub, tally) for sub in good]
+        bad_write.direct, bad_write.tally = Exploding(), tally
+        aborted: list[str] = []
+        bad_write.abort = lambda: aborted.append("write")
+        bad_wake.wake = lambda: (_ for _ in ()).throw(RuntimeError("broken wake"))
+        bad_wake.abort = lambda: aborted.append("wake")
+        topic = good[0].topic
+        publish(topic, 1, 2)  # never raises, whatever the subscribers do
+        await one_pass(hub)
+        publish(topic, 3)
+        await one_pass(hub)
+        for sub, (socket, _) in zip(good, outputs, strict=True):
+            assert b"".join(socket.writes) == b"".join(e.sse for e in topic.events)
+            assert not sub.closed
+        assert sorted(aborted) == ["wake", "write"]
+        assert bad_write.failed and bad_wake.failed and bad_write.closed and bad_wake.closed
+        # Cut off for good: later passes and wake-ups never call into them again.
+        topic.wake_all()
+        hub.tick()
+        hub.sweep()
+        assert sorted(aborted) == ["wake", "write"]
+
+    async def test_a_failing_abort_does_not_stop_the_sweep(self) -> None:
+        hub, _, _, clock = make_hub(send_timeout=1)
+        stuck, expired = hub.subscribe(KEY), hub.subscribe(KEY)
+        stuck.sending_since = clock.now
+        stuck.abort = lambda: (_ for _ in ()).throw(RuntimeError("broken abort"))
+        expired.deadline = clock.now
+        calls = woken(expired)
+        clock.now += 5
+        hub.sweep()
+        assert stuck.failed and expired.close_reason is TOKEN_EXPIRED and calls == [1]
+
+    async def test_a_superseding_claim_survives_the_older_subscribers_broken_wake(self) -> None:
+        from gateway.limits import ExclusiveStreams
+
+        hub, _, _, _ = make_hub()
+        exclusive = ExclusiveStreams(LimitsConfig())
+        older, newer = hub.subscribe(KEY, consumer="alice"), hub.subscribe(KEY, consumer="alice")
+        exclusive.claim("alice", KEY, older)
+        older.wake = lambda: (_ for _ in ()).throw(RuntimeError("broken wake"))
+        exclusive.claim("alice", KEY, newer)  # supersedes the older one without raising
+        assert older.failed and not newer.closed
+
+    @pytest.mark.parametrize("bad_id", ["\u00b2", "1\u0663", "\u00b9\u00b2\u00b3", "x" * 500, "a b", "\x00"])
+    async def test_malformed_resume_ids_are_unknown_never_pending(self, bad_id: str) -> None:
+        hub, _, _, _ = make_hub()
+        viewer = hub.subscribe(KEY)
+        socket, _ = direct(viewer, Tally())
+        attacker = hub.subscribe(KEY, after_id=bad_id)
+        assert not attacker.pending and attacker.continuity_lost == "unknown"
+        publish(viewer.topic, 1, 2, "3")
+        await one_pass(hub)
+        assert len(b"".join(socket.writes).split(b"\n\n")) == 4
+        assert viewer.topic.already_has("\u00b2") is False
+
+    def test_ids_compare_by_value_only_when_ascii_decimal(self) -> None:
+        topic = Topic(KEY, capacity=10)
+        publish(topic, 5)
+        assert topic.already_has("4") and topic.already_has("5") and not topic.already_has("6")
+        assert not topic.already_has("\u0664")  # Arabic-Indic four: an opaque id, not 4
+        late = Subscription(topic, 0, 0.0)
+        late.resume_id = "\u0667"
+        topic.pending.append(late)
+        publish(topic, 9)  # must not raise
+        assert late.pending
+
+
+class TestSlots:
+    """`limits.max_streams` counts live feeds; ended histories are bounded by bytes (issue 13)."""
+
+    async def test_ended_streams_do_not_hold_stream_slots(self) -> None:
+        hub, _, _, _ = make_hub(max_streams=2)
+        first = hub.subscribe("evaluations/a")
+        first.topic.end(UPSTREAM_FAILED, "upstream answered 404")
+        hub.unsubscribe(first)
+        assert "evaluations/a" not in hub.topics  # refused before any event: nothing kept
+        done = hub.subscribe("evaluations/b")
+        publish(done.topic, 1)
+        done.topic.publish(event(2, type="final"))
+        hub.unsubscribe(done)
+        assert "evaluations/b" in hub.topics  # kept for late resumes, but not a live feed
+        hub.subscribe("evaluations/c")
+        hub.subscribe("evaluations/d")
+        with pytest.raises(StreamUnavailable):
+            hub.subscribe("evaluations/e")
+
+    async def test_ended_histories_are_bounded_by_bytes_oldest_first(self) -> None:
+        hub, _, _, _ = make_hub(ended_history_bytes=3000)
+        for name in ("old", "mid", "new"):
+            sub = hub.subscribe(f"evaluations/{name}")
+            sub.topic.publish(event(1, data='"' + "x" * 500 + '"', stream=f"evaluations/{name}"))
+            sub.topic.publish(event(2, type="final", stream=f"evaluations/{name}"))
+            hub.unsubscribe(sub)
+        assert "evaluations/old" not in hub.topics
+        assert {"evaluations/mid", "evaluations/new"} <= set(hub.topics)
+        assert hub._ended_bytes <= 3000
+
+    async def test_a_reconnectable_ending_is_not_served_again(self) -> None:
+        hub, broker, _, _ = make_hub()
+        first = hub.subscribe(KEY)
+        publish(first.topic, 1, 2)
+        first.topic.end(UPSTREAM_UNAVAILABLE, "internal error in the upstream feed")
+        newcomer = hub.subscribe(KEY, after_id="1")
+        assert newcomer.topic is not first.topic and not newcomer.topic.ended
+        assert [t.key for t in broker.attached] == [KEY, KEY]
+        # The retry starts from the failed topic's history: the resume point still works.
+        assert newcomer.cursor == 1 and newcomer.topic.last_id == "2"
+        hub.unsubscribe(first)  # the old topic's subscriber leaving does not touch the new one
+        assert hub.topics[KEY] is newcomer.topic

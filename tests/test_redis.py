@@ -23,6 +23,7 @@ import yaml
 from prometheus_client import CollectorRegistry
 
 from gateway.auth import mint_token
+from gateway.redis_broker import Keys
 from tests.conftest import API_KEY, SECRET, Received, Sim, read_sse, terminal
 from tests.servers import free_port, serve, subprocess_server, wait_for
 from tests.test_security import Webhook
@@ -34,6 +35,8 @@ pytestmark = [
 ]
 
 LEASE_TTL = 1.5
+#: The keys of the replicas' `key_prefix: "t:"`.
+KEYS = Keys("t:")
 
 
 class RedisServer:
@@ -272,7 +275,7 @@ async def test_history_expires_after_the_end_and_redis_metrics_move(tmp_path: Pa
         got = await asyncio.gather(*(read_sse(node.url + path, token(f"m{i}"), until=terminal)
                                      for i, node in enumerate(nodes)))
         assert all(r.events[-1][1] == "final" for r in got)
-        key = "t:log:evaluations/e-ttl"
+        key = KEYS.stream("evaluations/e-ttl")
 
         async def expiring() -> bool:
             return bool(0 < await redis.pttl(key) <= 30_000)
@@ -334,7 +337,7 @@ async def test_redis_restart_old_holder_retakes_the_lease(tmp_path: Path, sim: S
         other.proc.send_signal(signal.SIGSTOP)
         try:
             redis_server.start()
-            lease, stream = "t:lease:evaluations/e-rt", "t:log:evaluations/e-rt"
+            lease, stream = KEYS.lease("evaluations/e-rt"), KEYS.stream("evaluations/e-rt")
             await wait_for(lambda: _lease_and_log(redis, lease, stream), timeout=8,
                            message="the old holder holds the lease again and appends")
         finally:
@@ -382,9 +385,9 @@ async def test_stream_lost_under_a_live_lease(tmp_path: Path, sim: Sim, redis_se
         tasks = [asyncio.create_task(follow([nodes[i % 2].url, nodes[(i + 1) % 2].url], path, f"u{i}", received[i]))
                  for i in range(4)]
         await wait_for(lambda: all(len(r.events) >= 10 for r in received), message="streams flowing")
-        await redis.delete("t:log:evaluations/e-sl")
+        await redis.delete(KEYS.stream("evaluations/e-sl"))
         await asyncio.wait_for(asyncio.gather(*tasks), timeout=15)
-        entries = await redis.xrange("t:log:evaluations/e-sl", count=1)
+        entries = await redis.xrange(KEYS.stream("evaluations/e-sl"), count=1)
         expected = [str(i) for i in range(1, 2 + 60 + 3)]
         for i, r in enumerate(received):
             assert r.ids == expected, f"client {i}: {r.ids}"
@@ -407,7 +410,7 @@ async def test_tailer_behind_the_trimmed_stream_tells_its_subscribers(tmp_path: 
 
     async def append(first: int, last: int) -> None:
         # A holder (this test) appends events first..last in one atomic call; the last one is `final`.
-        args = ["test-holder", "20", "1"]
+        args = ["test-holder", "20", "1", "60000"]
         for ordinal in range(first, last + 1):
             fields = ["k", "e", "i", str(ordinal), "y", "final" if ordinal == 303 else "row_complete", "d", "{}"]
             args += [event_entry_id(ordinal), str(len(fields)), *fields]
@@ -526,11 +529,11 @@ async def test_fenced_ex_holder_cannot_write(redis_server: RedisServer) -> None:
     try:
         await client.redis.set(keys.lease("evaluations/x"), "old-holder", px=5000)
         appended = await client.fenced_xadd(keys=[keys.lease("evaluations/x"), keys.stream("evaluations/x")],
-                                            args=["old-holder", "100", "1", "1-0", "4", "k", "e", "i", "1"])
+                                            args=["old-holder", "100", "1", "60000", "1-0", "4", "k", "e", "i", "1"])
         assert appended == 1
         # A batch resent after its reply was lost appends nothing twice.
         appended = await client.fenced_xadd(keys=[keys.lease("evaluations/x"), keys.stream("evaluations/x")],
-                                            args=["old-holder", "100", "1", "1-0", "4", "k", "e", "i", "1",
+                                            args=["old-holder", "100", "1", "60000", "1-0", "4", "k", "e", "i", "1",
                                                   "2-0", "4", "k", "e", "i", "2"])
         assert appended == 1
         # A batch that would leave a hole (Redis lost acknowledged entries) is refused with the last position.
@@ -538,13 +541,116 @@ async def test_fenced_ex_holder_cannot_write(redis_server: RedisServer) -> None:
 
         with pytest.raises(ResponseError, match="BEHIND 2"):
             await client.fenced_xadd(keys=[keys.lease("evaluations/x"), keys.stream("evaluations/x")],
-                                     args=["old-holder", "100", "1", "4-0", "4", "k", "e", "i", "4"])
+                                     args=["old-holder", "100", "1", "60000", "4-0", "4", "k", "e", "i", "4"])
         # The lease expires and a new holder (higher fencing token) takes it.
         await client.redis.set(keys.lease("evaluations/x"), "new-holder")
         with pytest.raises(ResponseError, match="FENCED"):
             await client.fenced_xadd(keys=[keys.lease("evaluations/x"), keys.stream("evaluations/x")],
-                                     args=["old-holder", "100", "1", "3-0", "4", "k", "e", "i", "3"])
+                                     args=["old-holder", "100", "1", "60000", "3-0", "4", "k", "e", "i", "3"])
         entries = await client.redis.xrange(keys.stream("evaluations/x"))
         assert [(entry_id, fields["i"]) for entry_id, fields in entries] == [("1-0", "1"), ("2-0", "2")]
     finally:
         await client.aclose()
+
+
+async def test_every_key_expires_when_a_stream_is_abandoned_mid_run(tmp_path: Path, sim: Sim,
+                                                                     redis_server: RedisServer) -> None:
+    """Keys written for a stream nobody watches any more expire on their own: log, fence, claims, caches."""
+    await sim.post("/_sim/configure", {"resource": "evaluations/e-ab", "rows": 400, "interval": 0.05})
+    async with replicas(tmp_path, sim, redis_server, count=2, history_ttl=20) as nodes, \
+            _redis(redis_server) as redis:
+        path = "/api/v1/evaluations/e-ab/stream"
+        for i, node in enumerate(nodes):
+            got = await read_sse(node.url + path, token(f"ab{i}"), until=lambda r: len(r.ids) >= 5)
+            assert got.status == 200
+            async with httpx.AsyncClient() as client:  # a poll, cached in Redis too
+                assert (await client.get(f"{node.url}/api/v1/evaluations/e-ab", headers=token(f"ab{i}"))).status_code \
+                    == 200
+        # Everyone left mid-run: after `linger` the holder stops and releases its lease.
+        await wait_for(lambda: _gone(redis, KEYS.lease("evaluations/e-ab")), timeout=10, message="the lease released")
+        keys = await redis.keys("t:*")
+        assert KEYS.stream("evaluations/e-ab") in keys and KEYS.fence("evaluations/e-ab") in keys
+        keep_ms = (max(20, 2 * LEASE_TTL) + LEASE_TTL) * 1000
+        for key in keys:
+            ttl = await redis.pttl(key)
+            assert 0 < ttl <= max(keep_ms, 60_000), (key, ttl)
+
+
+async def _gone(redis: Any, key: str) -> bool:
+    return not await redis.exists(key)
+
+
+async def test_a_failing_subscriber_does_not_stop_the_tailer(redis_server: RedisServer) -> None:
+    """An exception from one subscriber inside the tailer's publish stays with that subscriber."""
+    from gateway.config import BrokerConfig, LimitsConfig
+    from gateway.hub import Hub
+    from gateway.metrics import Metrics
+    from gateway.redis_broker import RedisBroker, RedisClient, event_entry_id
+
+    class NoFeeds:
+        def attach(self, topic: Any) -> None:
+            raise AssertionError("this replica never holds the lease in this test")
+
+        async def detach(self, topic: Any) -> None:
+            return None
+
+    metrics = Metrics(CollectorRegistry())
+    config = BrokerConfig(kind="redis", url=redis_server.url, key_prefix="t:", lease_ttl=LEASE_TTL)
+    limits = LimitsConfig()
+    client = RedisClient(config, metrics)
+    broker = RedisBroker(config, limits, NoFeeds(), metrics, client)
+    hub = Hub(limits, broker, metrics)
+    resource = "evaluations/e-bad-sub"
+
+    async def append(first: int, last: int, final: int = 0) -> None:
+        args = ["test-holder", "100", "1", "60000"]
+        for ordinal in range(first, last + 1):
+            fields = ["k", "e", "i", str(ordinal), "y", "final" if ordinal == final else "row_complete", "d", "{}"]
+            args += [event_entry_id(ordinal), str(len(fields)), *fields]
+        await client.fenced_xadd(keys=[KEYS.lease(resource), KEYS.stream(resource)], args=args)
+
+    try:
+        await client.redis.set(KEYS.lease(resource), "test-holder", px=60_000)  # held elsewhere: tail only
+        good, bad = hub.subscribe(resource), hub.subscribe(resource)
+        aborted: list[int] = []
+
+        def explode() -> None:
+            raise RuntimeError("a broken subscriber")
+
+        bad.wake, bad.abort = explode, lambda: aborted.append(1)
+        await append(1, 3)
+        await wait_for(lambda: good.topic.head == 3, message="events 1-3 tailed")
+        await append(4, 6, final=6)
+        await wait_for(lambda: good.topic.ended, message="the rest tailed")
+        assert [e.id for e in good.topic.events] == ["1", "2", "3", "4", "5", "6"]
+        assert bad.failed and aborted == [1] and not good.closed
+    finally:
+        await hub.aclose()
+        await broker.aclose()
+
+
+async def test_a_failed_stream_is_retried_for_the_next_subscriber_in_shared_mode(
+        sim: Sim, gateway_factory: Any, redis_server: RedisServer, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The failure's end entry stays in the shared log, but a newcomer still gets a fresh upstream attempt."""
+    from gateway.upstream import SSEFeed
+
+    await sim.post("/_sim/configure", {"resource": "evaluations/e-rd", "rows": 10, "interval": 0.01})
+    gateway = await gateway_factory(broker={"kind": "redis", "url": redis_server.url, "key_prefix": "t:",
+                                            "lease_ttl": LEASE_TTL})
+    real = SSEFeed._decode
+    crashes = [1]
+
+    async def crash_once(self: SSEFeed, response: httpx.Response) -> int:
+        if crashes:
+            crashes.pop()
+            raise RuntimeError("a bug in the feed")
+        return await real(self, response)
+
+    monkeypatch.setattr(SSEFeed, "_decode", crash_once)
+    url = f"{gateway.url}/api/v1/evaluations/e-rd/stream"
+    first = await read_sse(url, gateway.headers("alice"), until=terminal)
+    [close] = first.of_type("gateway.close")
+    assert close["code"] == "upstream_unavailable"
+    second = await read_sse(url, gateway.headers("bob"), until=terminal, timeout=15)
+    assert second.events[-1][1] == "final" and not second.of_type("gateway.close")
+    assert second.ids == [str(i) for i in range(1, len(second.ids) + 1)]

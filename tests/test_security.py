@@ -30,6 +30,9 @@ def hs256(claims: dict[str, Any], secret: str = SECRET, headers: dict[str, Any] 
     return jwt.encode(claims, secret, algorithm="HS256", headers=headers)
 
 
+AUD = "stratix-gateway"
+
+
 def claims(sub: str = "alice", ttl: float = 300, **extra: Any) -> dict[str, Any]:
     now = int(time.time())
     base: dict[str, Any] = {"sub": sub, "iat": now, "exp": now + int(ttl), "streams": ["*/*"]}
@@ -182,14 +185,16 @@ async def test_jwks_kid_selection_rotation_and_unknown_kid(sim: Sim, gateway_fac
                                                            jwks: tuple[JWKSServer, str]) -> None:
     server, url = jwks
     first = server.add("k1")
-    gateway = await gateway_factory(auth={"jwt": {"algorithms": ["RS256"], "jwks_url": url,
+    # Keys are generated before anything is timed (a 2048-bit key can take a while on a loaded machine).
+    stranger = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    gateway = await gateway_factory(auth={"jwt": {"algorithms": ["RS256"], "jwks_url": url, "audience": AUD,
                                                   "jwks_min_refresh_interval": 0.3}})
-    token = jwt.encode(claims(), first, algorithm="RS256", headers={"kid": "k1"})
+    token = jwt.encode(claims(aud=AUD), first, algorithm="RS256", headers={"kid": "k1"})
     assert (await status_of(stream_url(gateway), bearer(token)))[0] == 200
     assert server.fetches == 1
     # Rotation: a new key appears; a token with its kid triggers one refetch and is accepted.
     second = server.add("k2")
-    rotated = jwt.encode(claims(sub="bob"), second, algorithm="RS256", headers={"kid": "k2"})
+    rotated = jwt.encode(claims(sub="bob", aud=AUD), second, algorithm="RS256", headers={"kid": "k2"})
     # Refetches are rate-limited (0.3 s here), so the new kid is accepted within a bounded time.
     deadline = time.monotonic() + 5
     status = 0
@@ -201,16 +206,22 @@ async def test_jwks_kid_selection_rotation_and_unknown_kid(sim: Sim, gateway_fac
     assert status == 200
     fetches = server.fetches
     # Unknown kids are refused, and refetching is rate-limited (no fetch storm).
-    stranger = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-    forged = jwt.encode(claims(), stranger, algorithm="RS256", headers={"kid": "nope"})
+    forged = jwt.encode(claims(aud=AUD), stranger, algorithm="RS256", headers={"kid": "nope"})
     for _ in range(5):
         status, body = await status_of(stream_url(gateway, "evaluations/e-unk"), bearer(forged))
         assert status == 401 and "key id" in body["error"]["message"]
     assert server.fetches <= fetches + 1
     # A token signed by a stranger but claiming a known kid fails its signature.
-    spoofed = jwt.encode(claims(), stranger, algorithm="RS256", headers={"kid": "k1"})
+    spoofed = jwt.encode(claims(aud=AUD), stranger, algorithm="RS256", headers={"kid": "k1"})
     status, body = await status_of(stream_url(gateway, "evaluations/e-unk"), bearer(spoofed))
     assert status == 401 and "signature" in body["error"]["message"]
+    # The audience is required with JWKS: the identity provider's other applications' tokens are refused.
+    foreign = jwt.encode(claims(aud="another-app"), first, algorithm="RS256", headers={"kid": "k1"})
+    status, body = await status_of(stream_url(gateway, "evaluations/e-aud"), bearer(foreign))
+    assert status == 401 and body["error"]["message"] == "token audience is not accepted"
+    unaudienced = jwt.encode(claims(), first, algorithm="RS256", headers={"kid": "k1"})
+    status, body = await status_of(stream_url(gateway, "evaluations/e-aud"), bearer(unaudienced))
+    assert status == 401 and body["error"]["message"] == "token lacks a required claim"
 
 
 # --- token sources ------------------------------------------------------------------------------
@@ -344,7 +355,9 @@ async def test_inactivity_close_while_heartbeats_flow(sim: Sim, gateway_factory:
     assert 1.0 <= elapsed < 5
 
 
-async def test_stream_ends_at_token_expiry(sim: Sim, gateway: Gateway) -> None:
+async def test_stream_ends_at_token_expiry(sim: Sim, gateway_factory: Any) -> None:
+    # No leeway: the stream ends at `exp` (with a leeway it ends at `exp + leeway`, see test_isolation).
+    gateway = await gateway_factory(auth={"jwt": {"algorithms": ["HS256"], "secret": SECRET, "leeway": 0}})
     await sim.post("/_sim/configure", {"resource": "evaluations/e-exp", "rows": 100, "interval": 0.05})
     token = hs256(claims(ttl=2))
     got = await read_sse(stream_url(gateway, "evaluations/e-exp"), bearer(token), until=terminal, timeout=8)

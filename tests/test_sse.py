@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 
 from gateway.sse import SSEDecoder, SSEEvent, encode_comment, encode_event, encode_retry, sanitize_field
@@ -309,3 +311,80 @@ class TestEncoder:
     def test_frames_concatenate_into_a_stream(self) -> None:
         stream = encode_retry(100) + encode_event("a", id="1") + encode_comment("hb") + encode_event("b\nc", event="t")
         assert decode_bytewise(stream) == [SSEEvent(data="a", id="1"), SSEEvent(data="b\nc", event="t", id="1")]
+
+
+# --- property-based: any bytes, any split ------------------------------------------------------------
+
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+from gateway.sse import EventTooLarge  # noqa: E402
+
+_sse_lines = st.lists(st.one_of(
+    st.sampled_from(["", ":comment", "event: update", "event:", "id: 7", "id", "retry: 100", "retry: x",
+                     "data", "data:", "data: \u00e9\u00b2", "id: a\u0000b"]),
+    st.text(alphabet=st.characters(blacklist_categories=("Cs",), blacklist_characters="\r\n"), max_size=20).map(
+        lambda t: "data: " + t),
+), max_size=30)
+
+
+def _decode(chunks: list[bytes], limit: int | None = None) -> tuple[list[Any], str, int | None]:
+    decoder = SSEDecoder(limit)
+    events = [e for chunk in chunks for e in decoder.feed(chunk)]
+    return events, decoder.last_event_id, decoder.retry
+
+
+def _split(data: bytes, cuts: list[int]) -> list[bytes]:
+    points = sorted({c % (len(data) + 1) for c in cuts})
+    return [data[a:b] for a, b in zip([0, *points], [*points, len(data)], strict=True)]
+
+
+@settings(max_examples=300)
+@given(_sse_lines, st.sampled_from(["\n", "\r", "\r\n"]), st.lists(st.integers(min_value=0), max_size=8))
+def test_any_split_gives_the_same_events(lines: list[str], ending: str, cuts: list[int]) -> None:
+    data = ("\ufeff" + ending.join(lines) + ending).encode()
+    assert _decode(_split(data, cuts)) == _decode([data])
+    assert _decode([bytes([b]) for b in data]) == _decode([data])
+
+
+@settings(max_examples=300)
+@given(st.binary(max_size=400), st.lists(st.integers(min_value=0), max_size=6))
+def test_no_exception_on_any_bytes(data: bytes, cuts: list[int]) -> None:
+    events, _, retry = _decode(_split(data, cuts))
+    assert (events, retry) == _decode([data])[::2]
+    for event in events:
+        assert isinstance(event.data, str) and isinstance(event.event, str)
+
+
+@given(st.integers(min_value=64, max_value=4096), st.integers(min_value=1, max_value=5000))
+def test_a_line_that_never_ends_is_refused_past_the_limit(limit: int, chunk: int) -> None:
+    decoder = SSEDecoder(limit)
+    fed = 0
+    with pytest.raises(EventTooLarge):
+        while fed <= 4 * limit + chunk:
+            list(decoder.feed(b"x" * chunk))
+            fed += chunk
+    assert fed <= limit + chunk
+
+
+def test_an_event_whose_data_lines_add_up_past_the_limit_is_refused() -> None:
+    decoder = SSEDecoder(100)
+    assert list(decoder.feed(b"data: " + b"a" * 40 + b"\n" + b"data: " + b"b" * 40 + b"\n")) == []
+    with pytest.raises(EventTooLarge):
+        list(decoder.feed(b"data: " + b"c" * 40 + b"\n"))
+
+
+def test_an_unfinished_line_is_kept_in_pieces_and_joined_once() -> None:
+    """Linear decoding: a long line is not re-copied or rescanned on every read."""
+    decoder = SSEDecoder()
+    for _ in range(1000):
+        assert list(decoder.feed(b"y" * 1000)) == []
+    assert len(decoder._parts) == 1000 and decoder._partial == 1_000_000
+    assert list(decoder.feed(b"\n\n")) == []  # a field named "yyy…": ignored
+    assert decoder._parts == [] and decoder._partial == 0
+
+
+def test_huge_retry_values_are_ignored() -> None:
+    decoder = SSEDecoder()
+    list(decoder.feed(b"retry: " + b"9" * 5000 + b"\n\n"))
+    assert decoder.retry is None

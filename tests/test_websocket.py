@@ -10,7 +10,7 @@ import pytest
 from websockets.asyncio.client import connect
 from websockets.exceptions import InvalidStatus
 
-from tests.conftest import Gateway, Sim, read_sse, terminal
+from tests.conftest import SECRET, Gateway, Sim, read_sse, terminal
 from tests.servers import wait_for
 from tests.wsclient import Client, RawClient, gateway_with_small_send_buffers, protocols, ws_client, ws_url
 
@@ -253,7 +253,8 @@ async def test_inactivity_ends_the_subscription_not_the_socket(sim: Sim, gateway
     assert metric(gateway, "gateway_closes_total", code="inactivity_timeout") == 1
 
 
-async def test_token_expiry_closes_the_socket_with_4002(gateway: Gateway) -> None:
+async def test_token_expiry_closes_the_socket_with_4002(gateway_factory: Any) -> None:
+    gateway = await gateway_factory(auth={"jwt": {"algorithms": ["HS256"], "secret": SECRET, "leeway": 0}})
     async with ws_client(gateway, token=gateway.token(ttl=1)) as client:
         await client.subscribe("evaluations/e-ws-expiry")
         assert await client.until_closed(timeout=5) == 4002

@@ -85,3 +85,36 @@ class TestBuild:
                                       detail=None))
         assert body == {"type": "error", "stream": "optimizations/j", "jobId": "j",
                         "error": {"code": "superseded", "message": "replaced", "reconnect": False, "lastEventId": 4}}
+
+
+# --- property-based: the parser answers any message with a command or a ProtocolError -------------------
+
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+from gateway.streams import is_event_id  # noqa: E402
+
+_json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=True) | st.text(max_size=30),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=10), inner, max_size=4),
+    max_leaves=10)
+_messages = st.fixed_dictionaries(
+    {"type": st.sampled_from(["subscribe", "unsubscribe", "ping", "refresh", "", 7])},
+    optional={"stream": st.one_of(st.text(max_size=40), _json_values,
+                                  st.sampled_from(["evaluations/e1", "optimizations/j", "nope/x"])),
+              "jobId": st.one_of(st.text(max_size=20), _json_values),
+              "afterEventId": st.one_of(st.integers(), st.text(max_size=140), _json_values)})
+
+
+@settings(max_examples=400)
+@given(st.one_of(st.text(max_size=200), st.binary(max_size=200), _messages.map(json.dumps)))
+def test_any_message_is_a_command_or_a_protocol_error(raw: str | bytes) -> None:
+    try:
+        command = parse_message(raw)
+    except ProtocolError as exc:
+        assert exc.code in {"invalid_json", "invalid_message", "unknown_type", "invalid_stream"}
+        return
+    if isinstance(command, Subscribe):
+        assert command.after_event_id is None or is_event_id(command.after_event_id)
+        kind, _, resource = command.stream.partition("/")
+        assert kind in ("evaluations", "trace-evaluations", "optimizations") and resource
