@@ -3,12 +3,16 @@
 Asserts what a production rollout of long-lived streams depends on: the restricted
 security context, probes, the config checksum that rolls pods, a grace period longer
 than preStop + drain, and that bad values (schema violations, several replicas on the
-in-process broker) fail at install time with a message that says why.
+in-process broker) fail at install time with a message that says why. The alerts and the
+Grafana dashboard may select only series, labels and label values the gateway emits (the
+alerts' behaviour is tested by promtool: helm/tests/alerts_test.yaml).
 """
 
 from __future__ import annotations
 
+import ast
 import copy
+import functools
 import json
 import re
 from pathlib import Path
@@ -32,21 +36,15 @@ REDIS = {
     "secret": {"redisUrl": "redis://redis:6379/0"},
 }
 
-# Metric names the gateway exports (issue 6); alerts and the dashboard may use no other.
-METRICS = {
-    "gateway_subscribers",
-    "gateway_upstream_streams",
-    "gateway_upstream_connects_total",
-    "gateway_upstream_events_total",
-    "gateway_frames_sent_total",
-    "gateway_fanout_delay_seconds",
-    "gateway_slow_consumer_disconnects_total",
-    "gateway_closes_total",
-    "gateway_auth_failures_total",
-    "gateway_limit_rejections_total",
-    "gateway_upstream_last_event_age_seconds",
-    "gateway_build_info",
-}
+# Labels Prometheus gives every scraped series (the ServiceMonitor's targets), not the gateway.
+TARGET_LABELS = frozenset({"namespace", "job", "instance", "pod", "service", "container", "endpoint"})
+
+# gateway_upstream_connects_total{reason}: "initial" is a first connect, every other reason a
+# reconnect. The code has no catalogue of them: test_upstream_connect_reasons_match_the_code
+# checks this list against gateway/upstream.py and gateway/upstream_ws.py.
+UPSTREAM_CONNECT_REASONS = frozenset({
+    "initial", "eof", "error", "timeout", "closed", "http_5xx", "http_408", "http_409", "http_425", "http_429",
+})
 
 
 @pytest.fixture(scope="module")
@@ -318,22 +316,237 @@ def test_helm_test_pod_checks_readyz(chart: Any) -> None:
     assert pod["spec"]["containers"][0]["securityContext"]["readOnlyRootFilesystem"] is True
 
 
-def test_alerts_and_dashboard_use_exported_metrics(chart: Any) -> None:
-    values = {"prometheusRule": {"enabled": True}, "grafanaDashboard": {"enabled": True}}
-    docs = render(chart, values)
+# -- alerts and dashboard against what the gateway exports ---------------------------------------
+
+
+def monitoring(chart: Any) -> tuple[dict[str, str], list[str]]:
+    """The alerts (name -> expr) and every PromQL query of the Grafana dashboard (panels and variables)."""
+    docs = render(chart, {"prometheusRule": {"enabled": True}, "grafanaDashboard": {"enabled": True}})
     (rule,) = find(docs, "PrometheusRule")
     alerts = {r["alert"]: r["expr"] for g in rule["spec"]["groups"] for r in g["rules"]}
-    assert {
+    (dashboard_map,) = [d for d in find(docs, "ConfigMap") if d["metadata"]["name"].endswith("-dashboard")]
+    dashboard = json.loads(dashboard_map["data"]["stratix-gateway.json"])
+    variables = [v["query"] for v in dashboard["templating"]["list"] if v["type"] == "query"]
+    queries = [
+        *(t["expr"] for p in dashboard["panels"] for t in p["targets"]),
+        *(q["query"] if isinstance(q, dict) else q for q in variables),
+    ]
+    return alerts, queries
+
+
+@pytest.fixture(scope="module")
+def series() -> dict[str, set[str]]:
+    """Every series the gateway's registry exports (name -> label names), and `up` for the scrape itself."""
+    gateway_metrics = pytest.importorskip("gateway.metrics", reason="gateway dependencies not installed")
+    metrics = gateway_metrics.Metrics()
+    metrics.watch_streams(lambda: [("evaluations", 0.0)], clock=lambda: 1.0)
+    for metric in vars(metrics).values():
+        # prometheus_client keeps a metric's label names in _labelnames; one child each makes
+        # collect() list the labelled series with their labels
+        if names := getattr(metric, "_labelnames", ()):
+            metric.labels(*names)
+    exported = {s.name: set(s.labels) for family in metrics.registry.collect() for s in family.samples}
+    return {**exported, "up": set()}
+
+
+@functools.cache
+def calls_in(path: Path) -> list[ast.Call]:
+    return [node for node in ast.walk(ast.parse(path.read_text())) if isinstance(node, ast.Call)]
+
+
+def gateway_calls(name: str, *paths: Path) -> list[ast.Call]:
+    """Calls of a function or method called `name` in gateway/*.py (or in `paths`)."""
+    found = []
+    for path in paths or sorted((ROOT / "gateway").glob("*.py")):
+        for call in calls_in(path):
+            func = call.func
+            if (func.attr if isinstance(func, ast.Attribute) else getattr(func, "id", None)) == name:
+                found.append(call)
+    return found
+
+
+def strings(node: ast.AST | None) -> set[str]:
+    """The string literals in `node` (both branches of `a if c else b`)."""
+    if node is None:
+        return set()
+    return {n.value for n in ast.walk(node) if isinstance(n, ast.Constant) and isinstance(n.value, str)}
+
+
+def label_literals(*metric_attrs: str) -> set[str]:
+    """Literal first labels of `<...>.<metric_attr>.labels("...")` calls in gateway/*.py."""
+    found: set[str] = set()
+    for call in gateway_calls("labels"):
+        receiver = call.func.value
+        name = receiver.attr if isinstance(receiver, ast.Attribute) else getattr(receiver, "id", None)
+        if name in metric_attrs and call.args and isinstance(call.args[0], ast.Constant):
+            found.add(call.args[0].value)
+    return found
+
+
+def error_labels(error: str, default_code: str) -> set[str]:
+    """The metric label of every `error(...)` raised in gateway/*.py: its `reason`, else its code."""
+    found: set[str] = set()
+    for call in gateway_calls(error):
+        keywords = {k.arg: k.value for k in call.keywords}
+        label = keywords.get("reason") or keywords.get("code")
+        found |= strings(label) if label is not None else {default_code}
+    return found
+
+
+@pytest.fixture(scope="module")
+def emitted() -> dict[tuple[str, str], set[str]]:
+    """(series, label) -> every value the gateway gives that label: from its catalogues, else its source."""
+    auth = pytest.importorskip("gateway.auth", reason="gateway dependencies not installed")
+    from gateway import closes, errors, events
+
+    kinds = set(events.KINDS)
+    transports = label_literals("subscribers", "frames_sent")
+    replay_outcomes = {v for node in ast.walk(ast.parse((ROOT / "gateway" / "hub.py").read_text()))
+                       if isinstance(node, ast.Assign) and ast.unparse(node.targets[0]) == "outcome"
+                       for v in strings(node.value)}
+    auth_reasons = (error_labels("AuthError", errors.AuthError.code)
+                    | {r for call in gateway_calls("_invalid", ROOT / "gateway" / "auth.py")
+                       for r in strings(call.args[0])}
+                    | {reason for _, reason, _ in auth._JWT_ERRORS})
+    limits = error_labels("LimitError", errors.LimitError.code) | label_literals("limit_rejections")
+    return {
+        ("gateway_subscribers", "transport"): transports,
+        ("gateway_subscribers", "kind"): kinds,
+        ("gateway_upstream_streams", "kind"): kinds,
+        ("gateway_upstream_connects_total", "kind"): kinds,
+        ("gateway_upstream_connects_total", "reason"): set(UPSTREAM_CONNECT_REASONS),
+        ("gateway_upstream_events_total", "kind"): kinds,
+        ("gateway_upstream_last_event_age_seconds", "kind"): kinds,
+        ("gateway_frames_sent_total", "transport"): transports,
+        ("gateway_closes_total", "code"): {reason.code for reason in closes.CATALOGUE},
+        ("gateway_replay_requests_total", "outcome"): replay_outcomes,
+        ("gateway_poll_requests_total", "outcome"): label_literals("polls"),
+        # ws_stream.py holds the ws_messages counter as `outcomes`
+        ("gateway_ws_client_messages_total", "outcome"): label_literals("ws_messages", "outcomes"),
+        ("gateway_auth_failures_total", "reason"): auth_reasons,
+        ("gateway_limit_rejections_total", "limit"): limits,
+    }
+
+
+# Labels whose values are free (bucket bounds, the version) or set by Prometheus.
+FREE_LABELS = TARGET_LABELS | {"le", "version"}
+SELECTOR = re.compile(r"\b([a-zA-Z_:][\w:]*)\s*\{([^}]*)\}")
+MATCHER = re.compile(r'(\w+)\s*(=~|!~|!=|=)\s*"((?:[^"\\]|\\.)*)"')
+GROUPING = re.compile(r"\b(?:by|without|on|ignoring)\s*\(([^)]*)\)|\blabel_values\([^,]*,\s*(\w+)\s*\)")
+
+
+def selection_problems(expr: str, series: dict[str, set[str]], emitted: dict[tuple[str, str], set[str]]) -> list[str]:
+    """What `expr` selects or groups by that the gateway never emits."""
+    problems = []
+    for metric, matchers in SELECTOR.findall(expr):
+        for label, op, value in MATCHER.findall(matchers):
+            if label in FREE_LABELS:
+                continue
+            if label not in series.get(metric, set()):
+                problems.append(f"{metric} has no label {label!r}")
+            elif (metric, label) not in emitted:
+                problems.append(f"no known values of {metric}{{{label}}}: add them to emitted()")
+            elif op in ("=", "!=") and value not in emitted[metric, label]:
+                problems.append(f'{metric}{{{label}{op}"{value}"}}: the gateway never emits {value!r}')
+            elif op in ("=~", "!~") and not any(re.fullmatch(value, v) for v in emitted[metric, label]):
+                problems.append(f'{metric}{{{label}{op}"{value}"}}: matches no value the gateway emits')
+    used = sorted({word for word in re.findall(r"\b[a-zA-Z_:][\w:]*\b", expr) if word in series})
+    available = FREE_LABELS.union(*(series[metric] for metric in used))
+    for group in GROUPING.findall(expr):
+        for label in re.findall(r"\w+", " ".join(group)):
+            if label not in available:
+                problems.append(f"groups by {label!r}, which none of {used} has")
+    return problems
+
+
+def test_alerts_and_dashboard_use_exported_metrics(chart: Any, series: dict[str, set[str]]) -> None:
+    alerts, queries = monitoring(chart)
+    assert set(alerts) == {
+        "StratixGatewayDown",
         "StratixGatewayUpstreamReconnectStorm",
         "StratixGatewayUpstreamSilent",
         "StratixGatewaySlowConsumerDisconnects",
         "StratixGatewayAuthFailureSpike",
-    } <= set(alerts)
-    (dashboard_map,) = [d for d in find(docs, "ConfigMap") if d["metadata"]["name"].endswith("-dashboard")]
-    dashboard = json.loads(dashboard_map["data"]["stratix-gateway.json"])
-    exprs = [*alerts.values(), *(t["expr"] for p in dashboard["panels"] for t in p["targets"])]
-    used = {re.sub(r"_(bucket|sum|count)$", "", m) for e in exprs for m in re.findall(r"\bgateway_\w+", e)}
-    assert used and used <= METRICS
+        "StratixGatewayFanoutSlow",
+    }  # each has cases in helm/tests/alerts_test.yaml (promtool, in .ci/deploy-checks)
+    used = {m for expr in [*alerts.values(), *queries] for m in re.findall(r"\bgateway_\w+", expr)}
+    assert {"gateway_upstream_connects_total", "gateway_fanout_delay_seconds_bucket", "gateway_build_info"} <= used
+    assert used - set(series) == set()
+
+
+def test_alerts_and_dashboard_select_label_values_the_gateway_emits(
+    chart: Any, series: dict[str, set[str]], emitted: dict[tuple[str, str], set[str]]
+) -> None:
+    alerts, queries = monitoring(chart)
+    assert all(emitted.values()), emitted
+    assert [(expr, p) for expr in [*alerts.values(), *queries] for p in selection_problems(expr, series, emitted)] == []
+
+
+@pytest.mark.parametrize(
+    ("expr", "problem"),
+    [
+        ('sum(rate(gateway_upstream_connects_total{job="gw", reason="reconnect"}[5m]))', "never emits 'reconnect'"),
+        ('gateway_upstream_connects_total{reason!="reconnect"}', "never emits 'reconnect'"),
+        ('gateway_closes_total{code="gone"}', "never emits 'gone'"),
+        ('gateway_subscribers{transport="sse", kind="evals"}', "never emits 'evals'"),
+        ('gateway_limit_rejections_total{limit=~"max_conn"}', "matches no value"),
+        ('gateway_frames_sent_total{kind="evaluations"}', "has no label 'kind'"),
+        ('gateway_build_info{version="1", kind="evaluations"}', "has no label 'kind'"),
+        ("sum by (reason) (rate(gateway_closes_total[5m]))", "groups by 'reason'"),
+        ("label_values(gateway_build_info, kind)", "groups by 'kind'"),
+    ],
+)
+def test_selection_check_catches(
+    expr: str, problem: str, series: dict[str, set[str]], emitted: dict[tuple[str, str], set[str]]
+) -> None:
+    (found,) = selection_problems(expr, series, emitted)
+    assert problem in found
+
+
+def test_selection_check_passes_what_the_gateway_emits(
+    series: dict[str, set[str]], emitted: dict[tuple[str, str], set[str]]
+) -> None:
+    exprs = [
+        'sum by (kind) (rate(gateway_upstream_connects_total{job="$job", reason=~"http_.*|eof"}[5m]))',
+        'sum by (code) (gateway_closes_total{code="slow_consumer"}) and on (namespace) up{namespace="x"}',
+        'gateway_limit_rejections_total{limit="draining"} + ignoring (limit) gateway_auth_failures_total',
+    ]
+    assert [selection_problems(e, series, emitted) for e in exprs] == [[], [], []]
+
+
+def test_upstream_connect_reasons_match_the_code() -> None:
+    """UPSTREAM_CONNECT_REASONS is every reason gateway/upstream*.py counts a connect with."""
+    found: set[str] = set()
+    for path in (ROOT / "gateway" / "upstream.py", ROOT / "gateway" / "upstream_ws.py"):
+        tree = ast.parse(path.read_text())
+        # The label is always the variable `reason` ...
+        connects = [c for c in gateway_calls("labels", path) if "upstream_connects" in ast.unparse(c.func)]
+        assert connects and {ast.unparse(c.args[1]) for c in connects} == {"reason"}
+        # ... set to a literal or to a _Retry's reason: a literal or f"http_{status if status < 500 else '5xx'}".
+        for node in ast.walk(tree):
+            if not isinstance(node, ast.Assign):
+                continue
+            target, value = node.targets[0], node.value
+            both = isinstance(target, ast.Tuple) and isinstance(value, ast.Tuple)
+            for name, assigned in zip(target.elts, value.elts, strict=True) if both else [(target, value)]:
+                if ast.unparse(name) == "reason":
+                    assert isinstance(assigned, ast.Constant) or ast.unparse(assigned) == "exc.reason", (
+                        f"{path.name}:{node.lineno}: reason = {ast.unparse(assigned)}")
+                    found |= strings(assigned)
+        retryable = {status for node in ast.walk(tree) if isinstance(node, ast.Assign)
+                     and ast.unparse(node.targets[0]).startswith("_RETRYABLE")
+                     for status in ast.literal_eval(node.value.args[0])}
+        for call in gateway_calls("_Retry", path):
+            (reason, *_) = call.args
+            if isinstance(reason, ast.JoinedStr):
+                prefix, status = reason.values
+                assert isinstance(status, ast.FormattedValue), ast.unparse(reason)
+                assert ast.unparse(status.value) == "status if status < 500 else '5xx'", ast.unparse(reason)
+                (text,) = strings(prefix)
+                found |= {f"{text}{code}" for code in [*retryable, *strings(status)]}
+            else:
+                found |= strings(reason)
+    assert found == UPSTREAM_CONNECT_REASONS
 
 
 @pytest.mark.parametrize("values_file", CI_VALUES, ids=lambda p: p.stem)
