@@ -397,9 +397,9 @@ def error_labels(error: str, default_code: str) -> set[str]:
 def emitted() -> dict[tuple[str, str], set[str]]:
     """(series, label) -> every value the gateway gives that label: from its catalogues, else its source."""
     auth = pytest.importorskip("gateway.auth", reason="gateway dependencies not installed")
-    from gateway import closes, errors, events
+    from gateway import closes, errors, streams
 
-    kinds = set(events.KINDS)
+    kinds = set(streams.KINDS)
     transports = label_literals("subscribers", "frames_sent")
     replay_outcomes = {v for node in ast.walk(ast.parse((ROOT / "gateway" / "hub.py").read_text()))
                        if isinstance(node, ast.Assign) and ast.unparse(node.targets[0]) == "outcome"
@@ -533,9 +533,9 @@ def test_upstream_connect_reasons_match_the_code() -> None:
                     assert isinstance(assigned, ast.Constant) or ast.unparse(assigned) == "exc.reason", (
                         f"{path.name}:{node.lineno}: reason = {ast.unparse(assigned)}")
                     found |= strings(assigned)
-        retryable = {status for node in ast.walk(tree) if isinstance(node, ast.Assign)
-                     and ast.unparse(node.targets[0]).startswith("_RETRYABLE")
-                     for status in ast.literal_eval(node.value.args[0])}
+        from gateway.upstream_answers import RETRYABLE_STATUS
+
+        retryable = set(RETRYABLE_STATUS)
         for call in gateway_calls("_Retry", path):
             (reason, *_) = call.args
             if isinstance(reason, ast.JoinedStr):
