@@ -17,13 +17,14 @@ from typing import Any
 
 import uvloop
 
+from gateway.codec.events import Event
 from gateway.config import LimitsConfig, ServerConfig, WebSocketConfig
-from gateway.direct import _Detached
-from gateway.events import Event
-from gateway.hub import Hub
-from gateway.limits import ConnectionLimiter, ExclusiveStreams
+from gateway.hub.registry import Hub
+from gateway.limits.connections import ConnectionLimiter
+from gateway.limits.exclusive import ExclusiveStreams
 from gateway.metrics import Metrics
-from gateway.sse_stream import SSEStreams, _Stream
+from gateway.transports.direct import _Detached
+from gateway.transports.sse import SSEStreams, _Stream
 
 PASSES = 60
 KEY = "evaluations/bench"
@@ -111,10 +112,10 @@ async def sse(n: int) -> float:
 
 
 async def ws(n: int) -> float:
-    from gateway import ws_protocol as proto
-    from gateway.admission import Admitted
-    from gateway.auth import Principal
-    from gateway.ws_stream import WebSocketStreams, WSConnection
+    from gateway.auth.admission import Admitted
+    from gateway.auth.tokens import Principal
+    from gateway.codec import ws_messages as proto
+    from gateway.transports.websocket import WebSocketStreams, WSConnection
 
     limits = LimitsConfig()
     metrics = Metrics()

@@ -171,7 +171,7 @@ class Subscriber(asyncio.Protocol):
 def _auth_header(target: Target, index: int, worker_id: int, run: str) -> bytes:
     if target.token_secret is None:
         return b""
-    from gateway.auth import mint_token
+    from gateway.auth.tokens import mint_token
 
     token = mint_token(target.token_secret, "HS256", f"{target.token_prefix}-{run}-{worker_id}-{index}", 3600,
                        {"streams": ["*/*"]})

@@ -341,7 +341,7 @@ class Bench:
         if self.ws_status is None:
             server = self.start("gateway")
             try:
-                from gateway.auth import mint_token
+                from gateway.auth.tokens import mint_token
 
                 token = mint_token(self.secret, "HS256", "bench-probe", 60, {"streams": ["*/*"]})
                 self.ws_status = sut.probe_websocket(server.port, "/ws", token)

@@ -26,26 +26,33 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from gateway.admission import Admission, header_map, validate_resource
-from gateway.auth import Authenticator
-from gateway.authz import Authorizer
-from gateway.closes import SHUTTING_DOWN
+from gateway.auth.address import header_map
+from gateway.auth.admission import Admission, validate_resource
+from gateway.auth.authz import Authorizer
+from gateway.auth.tokens import Authenticator
+from gateway.broker.redis.broker import RedisBroker
+from gateway.broker.redis.caches import RedisDecisionCache, RedisPollCache
+from gateway.broker.redis.client import RedisClient
+from gateway.broker.redis.exclusive import RedisExclusive
+from gateway.codec.closes import SHUTTING_DOWN
+from gateway.codec.streams import JOB_KIND
 from gateway.config import GatewayConfig
-from gateway.dashboard import Dashboard
 from gateway.errors import GatewayError, respond
-from gateway.health import UpstreamHealth
-from gateway.hub import Broker, Hub
-from gateway.limits import ConnectionLimiter, ExclusiveStreams, StreamQuota
-from gateway.listing import LISTABLE, Listings
+from gateway.hub.ports import Broker
+from gateway.hub.registry import Hub
+from gateway.limits.connections import ConnectionLimiter
+from gateway.limits.exclusive import ExclusiveStreams
+from gateway.limits.quota import StreamQuota
 from gateway.logs import RequestIdMiddleware
 from gateway.metrics import Metrics, MetricsApp
-from gateway.polling import Poller
-from gateway.redis_broker import RedisBroker, RedisClient, RedisDecisionCache, RedisExclusive, RedisPollCache
-from gateway.sse_stream import SSEStreams
-from gateway.streams import JOB_KIND
+from gateway.transports.dashboard import Dashboard
+from gateway.transports.listing import LISTABLE, Listings
+from gateway.transports.sse import SSEStreams
+from gateway.transports.websocket import WebSocketStreams
 from gateway.types import Receive, Scope, Send
-from gateway.upstream import UpstreamPool
-from gateway.ws_stream import WebSocketStreams
+from gateway.upstream.health import UpstreamHealth
+from gateway.upstream.polling import Poller
+from gateway.upstream.pool import UpstreamPool
 
 log = logging.getLogger("gateway.app")
 

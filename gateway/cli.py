@@ -35,7 +35,7 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     if config is None:
         return 1
     try:
-        from gateway.auth import Authenticator
+        from gateway.auth.tokens import Authenticator
 
         Authenticator(config.auth)
     except ConfigError as exc:
@@ -119,7 +119,7 @@ def cmd_token(args: argparse.Namespace) -> int:
     config = _load(args.config)
     if config is None:
         return EXIT_CONFIG
-    from gateway.auth import mint_token
+    from gateway.auth.tokens import mint_token
 
     jwt_config = config.auth.jwt
     algorithm = jwt_config.algorithms[0]
@@ -164,7 +164,7 @@ def demo_config(sim_url: str, api_key: str, secret: str, port: int, host: str = 
 
 def cmd_demo(args: argparse.Namespace) -> int:
     from gateway import server as srv
-    from gateway.auth import mint_token
+    from gateway.auth.tokens import mint_token
     from gateway.logs import configure_logging
     from gateway.sim import SimSettings, create_sim_app
 

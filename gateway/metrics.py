@@ -20,7 +20,7 @@ from gateway import __version__
 from gateway.types import Receive, Scope, Send
 
 if TYPE_CHECKING:
-    from gateway.events import Event
+    from gateway.codec.events import Event
 
 _DELAY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 

@@ -15,7 +15,7 @@ from typing import Any
 
 import uvicorn
 
-from gateway.direct import DirectHttpProtocol, DirectWebSocketProtocol
+from gateway.transports.direct import DirectHttpProtocol, DirectWebSocketProtocol
 
 
 def _event_loop_factory() -> Callable[[], asyncio.AbstractEventLoop]:

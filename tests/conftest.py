@@ -15,7 +15,7 @@ from httpx_sse import aconnect_sse
 from prometheus_client import CollectorRegistry
 
 from gateway.app import GatewayApp, create_app
-from gateway.auth import mint_token
+from gateway.auth.tokens import mint_token
 from gateway.config import GatewayConfig, parse_config
 from gateway.sim import SimSettings, create_sim_app
 from tests.servers import serve, server_protocols
@@ -78,7 +78,8 @@ def gateway_config(sim_url: str, **overrides: Any) -> GatewayConfig:
         "server": {"host": "127.0.0.1", "port": 0, "drain_timeout": 2},
         "upstream": {"base_url": sim_url, "api_key": API_KEY, "backoff_initial": 0.05, "backoff_max": 0.5,
                      "read_timeout": 10},
-        "auth": {"jwt": {"algorithms": ["HS256"], "secret": SECRET}},
+        # No leeway unless a test asks for one: short-lived test tokens expire when they say.
+        "auth": {"jwt": {"algorithms": ["HS256"], "secret": SECRET, "leeway": 0}},
         "limits": {"heartbeat": 0.5, "linger": 0.2, "history_ttl": 5},
     }
     for section, values in overrides.items():

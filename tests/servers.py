@@ -14,7 +14,7 @@ from typing import Any
 
 import uvicorn
 
-from gateway.direct import DirectHttpProtocol, DirectWebSocketProtocol
+from gateway.transports.direct import DirectHttpProtocol, DirectWebSocketProtocol
 
 
 async def wait_for(predicate: Callable[[], bool | Awaitable[bool]], timeout: float = 10.0, interval: float = 0.01,

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from gateway.auth import Principal
-from gateway.authz import Authorizer, DecisionCache, pattern_allows
+from gateway.auth.authz import Authorizer, DecisionCache, pattern_allows
+from gateway.auth.tokens import Principal
 from gateway.config import AuthConfig, JWTConfig
 from gateway.errors import AuthError
 

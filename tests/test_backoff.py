@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from gateway.backoff import Backoff, parse_retry_after
+from gateway.upstream.backoff import Backoff, parse_retry_after
 
 
 def always(value: float) -> Backoff:

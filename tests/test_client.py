@@ -20,7 +20,7 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from gateway.app import create_app
-from gateway.auth import mint_token
+from gateway.auth.tokens import mint_token
 from gateway_client import (
     AuthError,
     Backoff,

@@ -7,7 +7,7 @@ from typing import Any
 
 import httpx
 
-from gateway.dashboard import ASSETS, STATIC_DIR
+from gateway.transports.dashboard import ASSETS, STATIC_DIR
 from tests.conftest import Gateway, Sim
 
 

@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from gateway.closes import SHUTTING_DOWN
+from gateway.codec.closes import SHUTTING_DOWN
 from tests.conftest import Gateway, Sim
 from tests.proxy import tcp_proxy
 

@@ -7,7 +7,7 @@ import asyncio
 import httpx
 import pytest
 
-from gateway.health import UpstreamHealth
+from gateway.upstream.health import UpstreamHealth
 from tests.servers import wait_for
 
 

@@ -41,7 +41,7 @@ TARGET_LABELS = frozenset({"namespace", "job", "instance", "pod", "service", "co
 
 # gateway_upstream_connects_total{reason}: "initial" is a first connect, every other reason a
 # reconnect. The code has no catalogue of them: test_upstream_connect_reasons_match_the_code
-# checks this list against gateway/upstream.py and gateway/upstream_ws.py.
+# checks this list against gateway/upstream/sse_feed.py and gateway/upstream/job_mux.py.
 UPSTREAM_CONNECT_REASONS = frozenset({
     "initial", "eof", "error", "timeout", "closed", "http_5xx", "http_408", "http_409", "http_425", "http_429",
 })
@@ -357,7 +357,7 @@ def calls_in(path: Path) -> list[ast.Call]:
 def gateway_calls(name: str, *paths: Path) -> list[ast.Call]:
     """Calls of a function or method called `name` in gateway/*.py (or in `paths`)."""
     found = []
-    for path in paths or sorted((ROOT / "gateway").glob("*.py")):
+    for path in paths or sorted(p for p in (ROOT / "gateway").rglob("*.py") if "sim" not in p.parts):
         for call in calls_in(path):
             func = call.func
             if (func.attr if isinstance(func, ast.Attribute) else getattr(func, "id", None)) == name:
@@ -396,16 +396,17 @@ def error_labels(error: str, default_code: str) -> set[str]:
 @pytest.fixture(scope="module")
 def emitted() -> dict[tuple[str, str], set[str]]:
     """(series, label) -> every value the gateway gives that label: from its catalogues, else its source."""
-    auth = pytest.importorskip("gateway.auth", reason="gateway dependencies not installed")
-    from gateway import closes, errors, streams
+    from gateway import errors
+    from gateway.auth import tokens as auth
+    from gateway.codec import closes, streams
 
     kinds = set(streams.KINDS)
     transports = label_literals("subscribers", "frames_sent")
-    replay_outcomes = {v for node in ast.walk(ast.parse((ROOT / "gateway" / "hub.py").read_text()))
+    replay_outcomes = {v for node in ast.walk(ast.parse((ROOT / "gateway" / "hub" / "registry.py").read_text()))
                        if isinstance(node, ast.Assign) and ast.unparse(node.targets[0]) == "outcome"
                        for v in strings(node.value)}
     auth_reasons = (error_labels("AuthError", errors.AuthError.code)
-                    | {r for call in gateway_calls("_invalid", ROOT / "gateway" / "auth.py")
+                    | {r for call in gateway_calls("_invalid", ROOT / "gateway" / "auth" / "tokens.py")
                        for r in strings(call.args[0])}
                     | {reason for _, reason, _ in auth._JWT_ERRORS})
     limits = error_labels("LimitError", errors.LimitError.code) | label_literals("limit_rejections")
@@ -517,7 +518,7 @@ def test_selection_check_passes_what_the_gateway_emits(
 def test_upstream_connect_reasons_match_the_code() -> None:
     """UPSTREAM_CONNECT_REASONS is every reason gateway/upstream*.py counts a connect with."""
     found: set[str] = set()
-    for path in (ROOT / "gateway" / "upstream.py", ROOT / "gateway" / "upstream_ws.py"):
+    for path in (ROOT / "gateway" / "upstream" / "sse_feed.py", ROOT / "gateway" / "upstream" / "job_mux.py"):
         tree = ast.parse(path.read_text())
         # The label is always the variable `reason` ...
         connects = [c for c in gateway_calls("labels", path) if "upstream_connects" in ast.unparse(c.func)]
@@ -533,7 +534,7 @@ def test_upstream_connect_reasons_match_the_code() -> None:
                     assert isinstance(assigned, ast.Constant) or ast.unparse(assigned) == "exc.reason", (
                         f"{path.name}:{node.lineno}: reason = {ast.unparse(assigned)}")
                     found |= strings(assigned)
-        from gateway.upstream_answers import RETRYABLE_STATUS
+        from gateway.upstream.answers import RETRYABLE_STATUS
 
         retryable = set(RETRYABLE_STATUS)
         for call in gateway_calls("_Retry", path):

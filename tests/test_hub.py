@@ -6,10 +6,14 @@ from typing import Any
 
 import pytest
 
-from gateway.closes import SHUTTING_DOWN, SLOW_CONSUMER, TOKEN_EXPIRED, UPSTREAM_FAILED, UPSTREAM_UNAVAILABLE
+from gateway.codec.closes import SHUTTING_DOWN, SLOW_CONSUMER, TOKEN_EXPIRED, UPSTREAM_FAILED, UPSTREAM_UNAVAILABLE
+from gateway.codec.events import Event
 from gateway.config import LimitsConfig
-from gateway.events import Event
-from gateway.hub import MAX_EVENTS_PER_WRITE, FlushQueue, Hub, StreamUnavailable, Subscription, Topic
+from gateway.hub.flush import FlushQueue
+from gateway.hub.ports import StreamUnavailable
+from gateway.hub.registry import Hub
+from gateway.hub.subscription import MAX_EVENTS_PER_WRITE, Subscription
+from gateway.hub.topic import Topic
 from gateway.metrics import Metrics
 from tests.servers import wait_for
 
@@ -698,7 +702,7 @@ class TestIsolation:
         assert stuck.failed and expired.close_reason is TOKEN_EXPIRED and calls == [1]
 
     async def test_a_superseding_claim_survives_the_older_subscribers_broken_wake(self) -> None:
-        from gateway.limits import ExclusiveStreams
+        from gateway.limits.exclusive import ExclusiveStreams
 
         hub, _, _, _ = make_hub()
         exclusive = ExclusiveStreams(LimitsConfig())

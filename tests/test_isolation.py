@@ -18,8 +18,8 @@ import httpx
 import jwt
 import pytest
 
-from gateway.events import strict_json_loads
-from gateway.upstream import SSEFeed
+from gateway.codec.events import strict_json_loads
+from gateway.upstream.sse_feed import SSEFeed
 from tests.conftest import SECRET, Gateway, Received, Sim, read_sse, terminal
 from tests.hostile import HostileUpstream, Recorder
 from tests.servers import serve, wait_for

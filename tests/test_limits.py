@@ -6,11 +6,14 @@ import asyncio
 
 import pytest
 
-from gateway.closes import SUPERSEDED
+from gateway.auth.address import ClientAddress
+from gateway.codec.closes import SUPERSEDED
 from gateway.config import LimitsConfig, ServerConfig
 from gateway.errors import LimitError
-from gateway.hub import Subscription, Topic
-from gateway.limits import ClientAddress, ConnectionLimiter, ExclusiveStreams
+from gateway.hub.subscription import Subscription
+from gateway.hub.topic import Topic
+from gateway.limits.connections import ConnectionLimiter
+from gateway.limits.exclusive import ExclusiveStreams
 from tests.servers import wait_for
 
 RESOURCE = "evaluations/e-1"

@@ -11,10 +11,10 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from gateway.auth import Principal
-from gateway.authz import Authorizer
+from gateway.auth.authz import Authorizer
+from gateway.auth.tokens import Principal
 from gateway.config import AuthConfig
-from gateway.listing import Listings
+from gateway.transports.listing import Listings
 from tests.conftest import API_KEY, SECRET, Gateway, Sim
 from tests.servers import serve
 

@@ -276,7 +276,7 @@ async def test_deferred_count_reports_one_iterations_increments_at_once() -> Non
 async def test_deliveries_count_frames_and_sample_the_fanout_delay() -> None:
     from prometheus_client import CollectorRegistry, Counter, Histogram
 
-    from gateway.events import Event
+    from gateway.codec.events import Event
     from gateway.metrics import Deliveries
 
     registry = CollectorRegistry()

@@ -17,7 +17,7 @@ import httpx
 import pytest
 import yaml
 
-from gateway.auth import mint_token
+from gateway.auth.tokens import mint_token
 from gateway.sim import SimSettings, create_sim_app
 from tests.conftest import API_KEY, SECRET, Gateway, Received, Sim, read_sse, terminal
 from tests.servers import free_port, serve, wait_for

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from gateway.ratelimit import TokenBucket
+from gateway.limits.ratelimit import TokenBucket
 
 
 class FakeClock:

@@ -22,8 +22,8 @@ import pytest
 import yaml
 from prometheus_client import CollectorRegistry
 
-from gateway.auth import mint_token
-from gateway.redis_broker import Keys
+from gateway.auth.tokens import mint_token
+from gateway.broker.redis.keys import Keys
 from tests.conftest import API_KEY, SECRET, Received, Sim, read_sse, terminal
 from tests.servers import free_port, serve, subprocess_server, wait_for
 from tests.test_security import Webhook
@@ -397,9 +397,10 @@ async def test_stream_lost_under_a_live_lease(tmp_path: Path, sim: Sim, redis_se
 
 async def test_tailer_behind_the_trimmed_stream_tells_its_subscribers(tmp_path: Path, sim: Sim) -> None:
     """Entries trimmed (MAXLEN) before a replica read them: its browsers get `continuity_lost`, never a silent gap."""
+    from gateway.broker.redis.client import RedisClient
+    from gateway.broker.redis.keys import event_entry_id
     from gateway.config import BrokerConfig
     from gateway.metrics import Metrics
-    from gateway.redis_broker import RedisClient, event_entry_id
 
     # Small stream nodes, so `MAXLEN ~ replay_buffer` trims close to replay_buffer.
     server = RedisServer(free_port(), "--stream-node-max-entries", "4")
@@ -519,9 +520,9 @@ async def _not_ready(node: Replica) -> bool:
 
 
 async def test_fenced_ex_holder_cannot_write(redis_server: RedisServer) -> None:
+    from gateway.broker.redis.client import RedisClient
     from gateway.config import BrokerConfig
     from gateway.metrics import Metrics
-    from gateway.redis_broker import RedisClient
 
     client = RedisClient(BrokerConfig(kind="redis", url=redis_server.url, key_prefix="f:"),
                          Metrics(CollectorRegistry()))
@@ -582,10 +583,12 @@ async def _gone(redis: Any, key: str) -> bool:
 
 async def test_a_failing_subscriber_does_not_stop_the_tailer(redis_server: RedisServer) -> None:
     """An exception from one subscriber inside the tailer's publish stays with that subscriber."""
+    from gateway.broker.redis.broker import RedisBroker
+    from gateway.broker.redis.client import RedisClient
+    from gateway.broker.redis.keys import event_entry_id
     from gateway.config import BrokerConfig, LimitsConfig
-    from gateway.hub import Hub
+    from gateway.hub.registry import Hub
     from gateway.metrics import Metrics
-    from gateway.redis_broker import RedisBroker, RedisClient, event_entry_id
 
     class NoFeeds:
         def attach(self, topic: Any) -> None:
@@ -632,7 +635,7 @@ async def test_a_failing_subscriber_does_not_stop_the_tailer(redis_server: Redis
 async def test_a_failed_stream_is_retried_for_the_next_subscriber_in_shared_mode(
         sim: Sim, gateway_factory: Any, redis_server: RedisServer, monkeypatch: pytest.MonkeyPatch) -> None:
     """The failure's end entry stays in the shared log, but a newcomer still gets a fresh upstream attempt."""
-    from gateway.upstream import SSEFeed
+    from gateway.upstream.sse_feed import SSEFeed
 
     await sim.post("/_sim/configure", {"resource": "evaluations/e-rd", "rows": 10, "interval": 0.01})
     gateway = await gateway_factory(broker={"kind": "redis", "url": redis_server.url, "key_prefix": "t:",

@@ -5,7 +5,7 @@ from __future__ import annotations
 from hypothesis import given
 from hypothesis import strategies as st
 
-from gateway.redis_broker import Keys, consumer_tag, end_entry_id, entry_ordinal, event_entry_id
+from gateway.broker.redis.keys import Keys, consumer_tag, end_entry_id, entry_ordinal, event_entry_id
 
 KEYS = Keys("gw:")
 

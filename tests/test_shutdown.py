@@ -30,7 +30,7 @@ def write_config(tmp_path: Path, sim_url: str, port: int) -> Path:
 
 
 async def test_sigterm_ends_streams_with_reconnect_code_and_exits(sim: Sim, tmp_path: Path) -> None:
-    from gateway.auth import mint_token
+    from gateway.auth.tokens import mint_token
 
     await sim.post("/_sim/configure", {"resource": "evaluations/e-term", "rows": 500, "interval": 0.05})
     port = free_port()

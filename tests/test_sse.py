@@ -6,7 +6,7 @@ from typing import Any
 
 import pytest
 
-from gateway.sse import SSEDecoder, SSEEvent, encode_comment, encode_event, encode_retry, sanitize_field
+from gateway.codec.sse import SSEDecoder, SSEEvent, encode_comment, encode_event, encode_retry, sanitize_field
 
 BOM = b"\xef\xbb\xbf"
 
@@ -318,7 +318,7 @@ class TestEncoder:
 from hypothesis import given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
-from gateway.sse import EventTooLarge  # noqa: E402
+from gateway.codec.sse import EventTooLarge  # noqa: E402
 
 _sse_lines = st.lists(st.one_of(
     st.sampled_from(["", ":comment", "event: update", "event:", "id: 7", "id", "retry: 100", "retry: x",

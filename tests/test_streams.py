@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from gateway.streams import (
+from gateway.codec.streams import (
     KINDS,
     UNKNOWN_ID,
     StreamNameError,

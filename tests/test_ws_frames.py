@@ -6,8 +6,8 @@ import pytest
 from websockets.frames import Frame, Opcode
 from websockets.streams import StreamReader
 
-from gateway.events import Event
-from gateway.ws_frames import text_frame
+from gateway.codec.events import Event
+from gateway.codec.ws_frames import text_frame
 
 
 def parse(data: bytes) -> Frame:

@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from gateway import ws_protocol as proto
-from gateway.ws_protocol import Ping, ProtocolError, Subscribe, Unsubscribe, parse_message
+from gateway.codec import ws_messages as proto
+from gateway.codec.ws_messages import Ping, ProtocolError, Subscribe, Unsubscribe, parse_message
 
 
 def _error(raw: str | bytes) -> ProtocolError:
@@ -92,7 +92,7 @@ class TestBuild:
 from hypothesis import given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
-from gateway.streams import is_event_id  # noqa: E402
+from gateway.codec.streams import is_event_id  # noqa: E402
 
 _json_values = st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats(allow_nan=True) | st.text(max_size=30),

@@ -17,8 +17,8 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
+from gateway.codec.sse import encode_event
 from gateway.sim.timeline import Timeline
-from gateway.sse import encode_event
 
 _MODELS = (
     ("gpt-4o-mini", "OpenAI"),

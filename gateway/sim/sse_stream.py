@@ -14,10 +14,10 @@ import contextlib
 from starlette.datastructures import Headers
 from starlette.types import Message, Receive, Scope, Send
 
+from gateway.codec.sse import encode_comment, encode_retry
 from gateway.sim.evaluations import EvaluationRun
 from gateway.sim.responses import error_response, new_request_id
 from gateway.sim.state import SimState, is_missing
-from gateway.sse import encode_comment, encode_retry
 
 HEARTBEAT_COMMENT = encode_comment("keep-alive")
 

@@ -23,17 +23,22 @@ import time
 from collections.abc import Callable
 from urllib.parse import parse_qsl
 
-from gateway.admission import Admission, header_map, validate_resource
-from gateway.closes import CLOSE_EVENT, CONTINUITY_LOST_EVENT, INACTIVITY_TIMEOUT, CloseReason
+from gateway.auth.address import header_map
+from gateway.auth.admission import Admission, validate_resource
+from gateway.codec.closes import CLOSE_EVENT, CONTINUITY_LOST_EVENT, INACTIVITY_TIMEOUT, CloseReason
+from gateway.codec.sse import encode_comment, encode_event, encode_retry
+from gateway.codec.streams import JOB_KIND, resume_id
 from gateway.config import LimitsConfig
-from gateway.direct import Output, Sink, detacher
 from gateway.errors import GatewayError, LimitError, respond
-from gateway.hub import Hub, StreamUnavailable, Subscription
-from gateway.limits import ConnectionLimiter, ExclusiveStreams, StreamQuota
+from gateway.hub.ports import StreamUnavailable
+from gateway.hub.registry import Hub
+from gateway.hub.subscription import Subscription
+from gateway.limits.connections import ConnectionLimiter
+from gateway.limits.exclusive import ExclusiveStreams
+from gateway.limits.quota import StreamQuota
 from gateway.logs import new_request_id, request_id
 from gateway.metrics import Deliveries, Metrics
-from gateway.sse import encode_comment, encode_event, encode_retry
-from gateway.streams import JOB_KIND, resume_id
+from gateway.transports.direct import Output, Sink, detacher
 from gateway.types import Receive, Scope, Send
 
 log = logging.getLogger("gateway.sse")

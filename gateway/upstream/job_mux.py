@@ -27,15 +27,15 @@ from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
 from websockets.frames import CloseCode
 
-from gateway.backoff import Backoff, parse_retry_after
-from gateway.closes import UPSTREAM_FAILED, UPSTREAM_UNAVAILABLE, CloseReason
+from gateway.codec.closes import UPSTREAM_FAILED, UPSTREAM_UNAVAILABLE, CloseReason
+from gateway.codec.events import Event
+from gateway.codec.streams import JOB_KIND, id_value
 from gateway.config import UpstreamConfig
-from gateway.events import Event
-from gateway.health import UpstreamHealth
-from gateway.hub import Topic
+from gateway.hub.ports import FeedTarget
 from gateway.metrics import Metrics
-from gateway.streams import JOB_KIND, id_value
-from gateway.upstream_answers import RETRYABLE_STATUS, redirect_target
+from gateway.upstream.answers import RETRYABLE_STATUS, redirect_target
+from gateway.upstream.backoff import Backoff, parse_retry_after
+from gateway.upstream.health import UpstreamHealth
 
 log = logging.getLogger("gateway.upstream.ws")
 
@@ -84,9 +84,9 @@ class OptimizationMux:
         self.backoff = backoff or Backoff(config.backoff_initial, config.backoff_max)
         self._connect = connector
         #: Attached topics by job id (ended ones stay until the hub detaches them).
-        self.topics: dict[str, Topic] = {}
+        self.topics: dict[str, FeedTarget] = {}
         #: What the current connection has been told, per job, and for which topic.
-        self._upstream: dict[str, tuple[State, Topic]] = {}
+        self._upstream: dict[str, tuple[State, FeedTarget]] = {}
         self._job_backoff: dict[str, Backoff] = {}
         self._retry_at: dict[str, float] = {}
         self._changed = asyncio.Event()
@@ -96,7 +96,7 @@ class OptimizationMux:
 
     # -- the broker side --------------------------------------------------------------------------
 
-    def attach(self, topic: Topic) -> None:
+    def attach(self, topic: FeedTarget) -> None:
         """Start feeding a job's topic (the connection opens if it is not open)."""
         self.topics[topic.resource_id] = topic
         self._job_backoff.pop(topic.resource_id, None)
@@ -105,7 +105,7 @@ class OptimizationMux:
         if self._task is None or self._task.done():
             self._task = asyncio.get_running_loop().create_task(self._run(), name="feed optimizations")
 
-    async def detach(self, topic: Topic) -> None:
+    async def detach(self, topic: FeedTarget) -> None:
         """Stop feeding `topic`; its upstream subscription is dropped on the next reconcile."""
         if self.topics.get(topic.resource_id) is topic:
             del self.topics[topic.resource_id]

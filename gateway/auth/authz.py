@@ -19,7 +19,7 @@ from typing import Protocol
 
 import httpx
 
-from gateway.auth import Principal
+from gateway.auth.tokens import Principal
 from gateway.config import AuthConfig
 from gateway.errors import AuthError
 

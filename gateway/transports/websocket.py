@@ -26,9 +26,10 @@ import time
 from collections import deque
 from collections.abc import Callable
 
-from gateway import ws_protocol as proto
-from gateway.admission import Admission, Admitted, header_map
-from gateway.closes import (
+from gateway.auth.address import header_map
+from gateway.auth.admission import Admission, Admitted
+from gateway.codec import ws_messages as proto
+from gateway.codec.closes import (
     INACTIVITY_TIMEOUT,
     POLICY_VIOLATION,
     SHUTTING_DOWN,
@@ -36,16 +37,20 @@ from gateway.closes import (
     TOKEN_EXPIRED,
     CloseReason,
 )
+from gateway.codec.events import Event
+from gateway.codec.streams import JOB_KIND, id_value
 from gateway.config import LimitsConfig, WebSocketConfig
-from gateway.direct import FrameOutput, frame_output
 from gateway.errors import GatewayError, LimitError
-from gateway.events import Event
-from gateway.hub import Hub, StreamUnavailable, Subscription
-from gateway.limits import ConnectionLimiter, ExclusiveStreams, StreamQuota
+from gateway.hub.ports import StreamUnavailable
+from gateway.hub.registry import Hub
+from gateway.hub.subscription import Subscription
+from gateway.limits.connections import ConnectionLimiter
+from gateway.limits.exclusive import ExclusiveStreams
+from gateway.limits.quota import StreamQuota
+from gateway.limits.ratelimit import TokenBucket
 from gateway.logs import new_request_id, request_id
 from gateway.metrics import Deliveries, Metrics
-from gateway.ratelimit import TokenBucket
-from gateway.streams import JOB_KIND, id_value
+from gateway.transports.direct import FrameOutput, frame_output
 from gateway.types import Receive, Scope, Send
 
 log = logging.getLogger("gateway.ws")

@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import json
 
-from gateway.sse import encode_event
-from gateway.streams import JOB_KIND, TERMINAL_EVENTS, id_value
-from gateway.ws_frames import text_frame
+from gateway.codec.sse import encode_event
+from gateway.codec.streams import JOB_KIND, PAUSE_EVENT, RESUME_EVENT, TERMINAL_EVENTS, id_value
+from gateway.codec.ws_frames import text_frame
 
 
 def id_json(event_id: str) -> str:
@@ -23,7 +23,7 @@ def id_json(event_id: str) -> str:
 class Event:
     """One upstream event, owned by one stream."""
 
-    __slots__ = ("_ws", "_ws_frame", "data", "id", "received_at", "sse", "stream", "type")
+    __slots__ = ("_ws", "_ws_frame", "data", "id", "pause", "received_at", "sse", "stream", "type")
 
     def __init__(self, stream: str, id: str, type: str, data: str, received_at: float) -> None:
         self.stream = stream
@@ -33,6 +33,8 @@ class Event:
         self.data = data = as_json_text(data)
         self.received_at = received_at
         self.sse = encode_event(data, event=type, id=id)
+        #: True: the job now waits on a person (`job_paused`); False: it resumed; None: neither.
+        self.pause: bool | None = True if type == PAUSE_EVENT else False if type == RESUME_EVENT else None
         self._ws: str | None = None
         self._ws_frame: bytes | None = None
 

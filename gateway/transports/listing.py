@@ -17,11 +17,12 @@ from typing import Any
 from starlette.requests import Request
 from starlette.responses import Response
 
-from gateway.admission import Admission, header_map, validate_resource
-from gateway.auth import Principal
-from gateway.authz import Authorizer
+from gateway.auth.address import header_map
+from gateway.auth.admission import Admission, validate_resource
+from gateway.auth.authz import Authorizer
+from gateway.auth.tokens import Principal
 from gateway.errors import AuthError, GatewayError
-from gateway.polling import Poller
+from gateway.upstream.polling import Poller
 
 #: Stream kinds with a listing endpoint.
 LISTABLE = ("evaluations", "optimizations")

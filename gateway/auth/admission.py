@@ -10,13 +10,13 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from gateway.auth import Authenticator, Principal
-from gateway.authz import Authorizer
+from gateway.auth.address import ClientAddress
+from gateway.auth.authz import Authorizer
+from gateway.auth.tokens import Authenticator, Principal
+from gateway.codec.streams import StreamNameError, resource_key
 from gateway.config import ServerConfig
 from gateway.errors import AuthError, GatewayError, NotFound
-from gateway.limits import ClientAddress
 from gateway.metrics import Metrics
-from gateway.streams import StreamNameError, resource_key
 from gateway.types import Scope
 
 

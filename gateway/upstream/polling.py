@@ -19,12 +19,12 @@ from typing import Protocol
 
 import httpx
 
-from gateway.backoff import parse_retry_after
+from gateway.codec.events import browser_json
 from gateway.config import UpstreamConfig
-from gateway.events import browser_json
-from gateway.health import UpstreamHealth
 from gateway.metrics import Metrics
-from gateway.upstream_answers import read_limited, read_prefix, redirect_target, upstream_error_code
+from gateway.upstream.answers import read_limited, read_prefix, redirect_target, upstream_error_code
+from gateway.upstream.backoff import parse_retry_after
+from gateway.upstream.health import UpstreamHealth
 
 log = logging.getLogger("gateway.polling")
 _CACHE_LIMIT = 10000

@@ -12,7 +12,7 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-from gateway.streams import JOB_KIND, StreamNameError, is_event_id, parse_stream_name
+from gateway.codec.streams import JOB_KIND, StreamNameError, is_event_id, parse_stream_name
 
 SUBPROTOCOL = "gateway.v1"
 """Offered by browsers (with `bearer.<token>`) and selected by the gateway."""
