@@ -17,13 +17,18 @@ from typing import Any
 
 import uvloop
 
+from gateway.auth.admission import Admission, Admitted
+from gateway.auth.authz import Authorizer
+from gateway.auth.tokens import Authenticator, Principal
 from gateway.codec.events import Event
-from gateway.config import LimitsConfig, ServerConfig, WebSocketConfig
+from gateway.config import AuthConfig, JWTConfig, LimitsConfig, ServerConfig, WebSocketConfig
 from gateway.hub.registry import Hub
 from gateway.limits.connections import ConnectionLimiter
 from gateway.limits.exclusive import ExclusiveStreams
+from gateway.limits.quota import StreamQuota
 from gateway.metrics import Metrics
 from gateway.transports.direct import _Detached
+from gateway.transports.ending import Expiries
 from gateway.transports.sse import SSEStreams, _Stream
 
 PASSES = 60
@@ -95,16 +100,32 @@ def _stamp(done: asyncio.Future[float]) -> None:
     done.set_result(time.perf_counter())
 
 
+def _admission(hub: Hub, metrics: Metrics, limits: LimitsConfig) -> Admission:
+    """The real admission path, with a token that grants every stream (no webhook, no Redis)."""
+    auth = AuthConfig(jwt=JWTConfig(secret="x" * 32))
+    server = ServerConfig(max_connections=1 << 30, max_connections_per_ip=1 << 30)
+    return Admission(server, Authenticator(auth), Authorizer(auth), metrics, hub=hub,
+                     limiter=ConnectionLimiter(server), quota=StreamQuota(limits.max_streams_per_consumer),
+                     exclusive=ExclusiveStreams(limits))
+
+
+def _admitted(i: int) -> Admitted:
+    principal = Principal(consumer=f"user-{i}", claims={}, expires_at=time.time() + 3600, streams=("*/*",))
+    return Admitted(principal, "127.0.0.1", None, False)
+
+
 async def sse(n: int) -> float:
     limits = LimitsConfig()
     metrics = Metrics()
     hub = Hub(limits, _Broker(), metrics)
-    streams = SSEStreams(hub, None, ConnectionLimiter(ServerConfig()), ExclusiveStreams(limits),  # type: ignore[arg-type]
-                         limits, metrics)
+    admission = _admission(hub, metrics, limits)
+    streams = SSEStreams(admission, limits, metrics, Expiries())
     sockets = []
     for i in range(n):
-        sub = hub.subscribe(KEY, None, f"user-{i}")
-        stream = _Stream(streams, sub, f"user-{i}", "127.0.0.1", KEY, time.time() + 3600)
+        admitted = _admitted(i)
+        hold = await admission.join(admitted, KEY, None)
+        await hold.claim()
+        stream = _Stream(streams, hold, admission.connection(admitted), admitted.principal.valid_until)
         socket = _Socket()
         stream._start(_Detached(socket, False))
         sockets.append(socket)
@@ -112,23 +133,20 @@ async def sse(n: int) -> float:
 
 
 async def ws(n: int) -> float:
-    from gateway.auth.admission import Admitted
-    from gateway.auth.tokens import Principal
     from gateway.codec import ws_messages as proto
-    from gateway.transports.websocket import WebSocketStreams, WSConnection
+    from gateway.transports.websocket import WebSocketStreams
+    from gateway.transports.ws_connection import WSConnection
 
     limits = LimitsConfig()
     metrics = Metrics()
     hub = Hub(limits, _Broker(), metrics)
-    endpoint = WebSocketStreams(hub, _Authorize(), ConnectionLimiter(ServerConfig()),  # type: ignore[arg-type]
-                                ExclusiveStreams(limits), limits, WebSocketConfig(), metrics)
+    endpoint = WebSocketStreams(_admission(hub, metrics, limits), limits, WebSocketConfig(), metrics, Expiries())
     sockets = []
     tasks = []
     connections = []
     for i in range(n):
-        principal = Principal(consumer=f"user-{i}", claims={}, expires_at=time.time() + 3600)
         socket = _Socket()
-        admitted = Admitted(principal, None, "127.0.0.1", None, False)
+        admitted = _admitted(i)
         connection = WSConnection(endpoint, _never, _sent, admitted, socket)  # type: ignore[arg-type]
         tasks.append(asyncio.get_running_loop().create_task(connection.serve()))
         await connection._subscribe(proto.Subscribe(stream=KEY, after_event_id=None))
@@ -145,11 +163,6 @@ async def ws(n: int) -> float:
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
-
-
-class _Authorize:
-    async def authorize(self, admitted: Any, stream: str) -> None:
-        return None
 
 
 async def _never() -> Any:

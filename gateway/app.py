@@ -14,30 +14,25 @@ import logging
 import re
 import time
 from collections.abc import AsyncIterator, Callable
-from http import HTTPStatus
 from typing import Any
 
 import httpx
-from prometheus_client import CollectorRegistry, generate_latest
-from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from prometheus_client import CollectorRegistry
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
-from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from gateway.auth.address import header_map
-from gateway.auth.admission import Admission, validate_resource
+from gateway.auth.admission import Admission
 from gateway.auth.authz import Authorizer
 from gateway.auth.tokens import Authenticator
+from gateway.broker.memory import MemoryBroker
 from gateway.broker.redis.broker import RedisBroker
 from gateway.broker.redis.caches import RedisDecisionCache, RedisPollCache
 from gateway.broker.redis.client import RedisClient
 from gateway.broker.redis.exclusive import RedisExclusive
 from gateway.codec.closes import SHUTTING_DOWN
-from gateway.codec.streams import JOB_KIND
+from gateway.codec.streams import LISTABLE_KINDS
 from gateway.config import GatewayConfig
-from gateway.errors import GatewayError, respond
 from gateway.hub.ports import Broker
 from gateway.hub.registry import Hub
 from gateway.limits.connections import ConnectionLimiter
@@ -46,7 +41,9 @@ from gateway.limits.quota import StreamQuota
 from gateway.logs import RequestIdMiddleware
 from gateway.metrics import Metrics, MetricsApp
 from gateway.transports.dashboard import Dashboard
-from gateway.transports.listing import LISTABLE, Listings
+from gateway.transports.ending import Expiries
+from gateway.transports.http import HttpEndpoints, http_error, server_error
+from gateway.transports.listing import Listings
 from gateway.transports.sse import SSEStreams
 from gateway.transports.websocket import WebSocketStreams
 from gateway.types import Receive, Scope, Send
@@ -75,47 +72,52 @@ class GatewayApp:
         self.pool = UpstreamPool(config.upstream, self.metrics, clock, self.http, health=self.health)
         #: Set in shared mode (`broker.kind: redis`): leases, shared history and caches.
         self.redis: RedisClient | None = None
+        self.shared: RedisBroker | None = None
         if broker is None and config.broker.kind == "redis":
             self.redis = RedisClient(config.broker, self.metrics, clock)
-            broker = RedisBroker(config.broker, config.limits, self.pool, self.metrics, self.redis, clock)
-        self.broker: Broker = broker or self.pool
+            broker = self.shared = RedisBroker(config.broker, config.limits, self.pool, self.metrics, self.redis,
+                                               clock)
+        self.broker: Broker = broker or MemoryBroker(self.pool)
         self.hub = Hub(config.limits, self.broker, self.metrics, clock)
         self.authenticator = Authenticator(config.auth, self.http)
         self.authorizer = Authorizer(
             config.auth, self.http,
             cache=RedisDecisionCache(self.redis, config.auth.authorize_cache_ttl) if self.redis else None)
-        self.admission = Admission(config.server, self.authenticator, self.authorizer, self.metrics)
-        self.limiter = ConnectionLimiter(config.server)
         self.cluster_exclusive = (RedisExclusive(self.redis, config.limits.one_stream_per_consumer)
                                   if self.redis else None)
-        self.exclusive = ExclusiveStreams(config.limits, cluster=self.cluster_exclusive)
+        self.limiter = ConnectionLimiter(config.server)
         self.quota = StreamQuota(config.limits.max_streams_per_consumer)
+        self.exclusive = ExclusiveStreams(config.limits, cluster=self.cluster_exclusive)
+        self.admission = Admission(config.server, self.authenticator, self.authorizer, self.metrics, hub=self.hub,
+                                   limiter=self.limiter, quota=self.quota, exclusive=self.exclusive)
+        self.expiries = Expiries()
         self.poller = Poller(self.http, config.upstream, config.limits.poll_cache_ttl, self.metrics,
                              health=self.health, cache=RedisPollCache(self.redis) if self.redis else None)
         self.listings = Listings(self.admission, self.authorizer, self.poller)
         self.dashboard = Dashboard(config.auth.cookie) if config.dashboard.enabled else None
+        self.endpoints = HttpEndpoints(self.admission, self.poller, self.health, self.http, config.upstream.base_url,
+                                       self.metrics.registry, self)
         #: `/metrics` alone, for the separate `metrics.port` listener (`gateway serve` runs it).
         self.metrics_app = MetricsApp(self.metrics.registry) if config.metrics.enabled else None
-        self.sse = SSEStreams(self.hub, self.admission, self.limiter, self.exclusive, config.limits,
-                              self.metrics, clock, quota=self.quota)
-        self.ws = WebSocketStreams(self.hub, self.admission, self.limiter, self.exclusive, config.limits,
-                                   config.websocket, self.metrics, clock, quota=self.quota)
+        self.sse = SSEStreams(self.admission, config.limits, self.metrics, self.expiries, clock)
+        self.ws = WebSocketStreams(self.admission, config.limits, config.websocket, self.metrics, self.expiries, clock)
         self.started = False
         self.draining = False
         self._background: list[asyncio.Task[None]] = []
         self.router = Starlette(routes=self._routes(), lifespan=self._lifespan,
-                                exception_handlers={HTTPException: _http_error, Exception: _server_error})
+                                exception_handlers={HTTPException: http_error, Exception: server_error})
         self.router.add_middleware(RequestIdMiddleware)
 
     def _routes(self) -> list[Any]:
+        endpoints = self.endpoints
         routes: list[Any] = [
-            Route("/healthz", self._healthz),
-            Route("/readyz", self._readyz),
-            *(Route(f"/api/v1/{kind}", self.listings.endpoint, methods=["GET"]) for kind in LISTABLE),
-            Route("/api/v1/{kind:str}/{resource_id:str}", self._poll, methods=["GET"]),
+            Route("/healthz", endpoints.healthz),
+            Route("/readyz", endpoints.readyz),
+            *(Route(f"/api/v1/{kind}", self.listings.endpoint, methods=["GET"]) for kind in LISTABLE_KINDS),
+            Route("/api/v1/{kind:str}/{resource_id:str}", endpoints.poll, methods=["GET"]),
         ]
         if self.config.metrics.enabled and self.config.metrics.port is None:
-            routes.append(Route("/metrics", self._metrics))
+            routes.append(Route("/metrics", endpoints.metrics))
         if self.dashboard is not None:
             routes += self.dashboard.routes()
         return routes
@@ -128,10 +130,10 @@ class GatewayApp:
                     await self.sse(scope, receive, send, match.group(1), match.group(2))
                     return
                 if scope["method"] == "OPTIONS":
-                    await self._preflight(scope, send)
+                    await self.endpoints.preflight(scope, send)
                     return
             elif scope["method"] == "OPTIONS" and scope["path"].startswith("/api/"):
-                await self._preflight(scope, send)
+                await self.endpoints.preflight(scope, send)
                 return
         elif scope["type"] == "websocket" and scope["path"] == "/ws":
             await self.ws(scope, receive, send)
@@ -168,16 +170,14 @@ class GatewayApp:
             task.cancel()
         await asyncio.gather(*self._background, return_exceptions=True)
         self._background.clear()
+        self.expiries.close()
         await self.hub.aclose()
-        if isinstance(self.broker, RedisBroker):
-            await self.broker.aclose()
+        if self.shared is not None:
+            await self.shared.aclose()
         await self.pool.aclose()
         await self.http.aclose()
 
-    # --- small endpoints -------------------------------------------------------------
-
-    async def _healthz(self, request: Request) -> Response:
-        return JSONResponse({"status": "ok"})
+    # --- readiness ---------------------------------------------------------------------
 
     def ready(self) -> tuple[bool, str]:
         """(ready, status): started, not draining, and the upstream answered recently (no evidence: ready)."""
@@ -191,63 +191,8 @@ class GatewayApp:
             return False, "upstream_unreachable"
         return True, "ready"
 
-    async def _readyz(self, request: Request) -> Response:
-        if self.started and not self.draining:
-            await self.health.refresh(self.http, self.config.upstream.base_url)
-        ok, status = self.ready()
-        body = {"status": status, "ready": ok, "started": self.started, "draining": self.draining,
-                "upstream": self.health.describe()}
-        return JSONResponse(body, status_code=200 if ok else 503, headers={"cache-control": "no-store"})
-
-    async def _metrics(self, request: Request) -> Response:
-        return Response(generate_latest(self.metrics.registry), media_type=CONTENT_TYPE_LATEST)
-
-    async def _preflight(self, scope: Scope, send: Send) -> None:
-        headers = header_map(scope)
-        cors = self.admission.cors_headers(headers.get("origin"), scope, headers)
-        if not cors:
-            await respond(send, GatewayError("origin is not allowed", status=403, code="origin_not_allowed"))
-            return
-        cors += [(b"access-control-allow-methods", b"GET, OPTIONS"),
-                 (b"access-control-allow-headers", b"Authorization, Last-Event-ID, Cache-Control"),
-                 (b"access-control-max-age", b"600"), (b"content-length", b"0")]
-        await send({"type": "http.response.start", "status": 204, "headers": cors})
-        await send({"type": "http.response.body", "body": b""})
-
-    async def _poll(self, request: Request) -> Response:
-        headers = header_map(request.scope)
-        cors = self.admission.cors_headers(headers.get("origin"), request.scope, headers)
-        try:
-            kind = request.path_params["kind"]
-            if kind == JOB_KIND:
-                raise GatewayError("optimization jobs are not pollable; stream them", status=404,
-                                   code="not_found")
-            resource = validate_resource(kind, request.path_params["resource_id"])
-            await self.admission.admit(request.scope, headers, resource)
-        except GatewayError as exc:
-            return Response(exc.body(), status_code=exc.status, headers=_str_headers(exc.headers() + cors))
-        result = await self.poller.get(resource)
-        extra = [(b"content-type", b"application/json"), (b"cache-control", b"no-store")]
-        if result.retry_after is not None:
-            extra.append((b"retry-after", str(max(1, round(result.retry_after))).encode()))
-        return Response(result.body, status_code=result.status, headers=_str_headers(extra + cors))
-
-
-async def _http_error(request: Request, exc: Exception) -> Response:
-    """Framework errors (404, 405) in the gateway's JSON error shape."""
-    status = exc.status_code if isinstance(exc, HTTPException) else 500
-    code = {404: "not_found", 405: "method_not_allowed"}.get(status, "bad_request")
-    error = GatewayError(HTTPStatus(status).phrase.lower(), status=status, code=code)
-    return Response(error.body(), status_code=status, headers=_str_headers(error.headers()))
-
-
-async def _server_error(request: Request, exc: Exception) -> Response:
-    error = GatewayError("internal error", status=500, code="internal_error")
-    return Response(error.body(), status_code=500, headers=_str_headers(error.headers()))
-
-
-def _str_headers(headers: list[tuple[bytes, bytes]]) -> dict[str, str]:
-    return {k.decode("latin-1"): v.decode("latin-1") for k, v in headers}
+    def readiness_details(self) -> dict[str, Any]:
+        return {}
 
 
 def create_app(config: GatewayConfig, **kwargs: Any) -> GatewayApp:

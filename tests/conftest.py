@@ -24,6 +24,17 @@ API_KEY = "ll_test_" + "k" * 24
 SECRET = "s" * 48
 
 
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption("--plain-asgi", action="store_true",
+                     help="serve the gateway with uvicorn's stock protocols (the path without gateway.direct)")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    import tests.servers
+
+    tests.servers.PLAIN_ASGI = bool(config.getoption("--plain-asgi"))
+
+
 @dataclass
 class Sim:
     url: str

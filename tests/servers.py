@@ -63,9 +63,14 @@ async def serve(app: Any, sock: socket.socket | None = None, **config: Any) -> A
             task.cancel()
 
 
+#: Set by `pytest --plain-asgi`: every server runs uvicorn's stock protocols (no `gateway.direct`), so the
+#: stream suites check the plain-ASGI path the gateway takes under any other server.
+PLAIN_ASGI = False
+
+
 def server_protocols(direct: bool = True) -> dict[str, Any]:
     """uvicorn options: the gateway's own protocols (as `gateway serve` runs), or uvicorn's stock ones."""
-    if direct:
+    if direct and not PLAIN_ASGI:
         return {"http": DirectHttpProtocol, "ws": DirectWebSocketProtocol, "ws_per_message_deflate": False}
     return {"http": "h11", "ws": "websockets-sansio"}
 

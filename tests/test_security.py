@@ -102,7 +102,8 @@ async def test_bad_tokens_get_401_with_a_short_reason(sim: Sim, gateway: Gateway
     assert await sim.resource("evaluations/e-sec") in ({}, {"connects": 0})
 
 
-async def test_leeway_accepts_small_clock_skew(sim: Sim, gateway: Gateway) -> None:
+async def test_leeway_accepts_small_clock_skew(sim: Sim, gateway_factory: Any) -> None:
+    gateway = await gateway_factory(auth={"jwt": {"algorithms": ["HS256"], "secret": SECRET, "leeway": 30}})
     skewed = hs256(claims(nbf=int(time.time()) + 10, iat=int(time.time()) + 10))
     got = await read_sse(stream_url(gateway), bearer(skewed), until=terminal)
     assert got.status == 200

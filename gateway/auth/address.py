@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from urllib.parse import parse_qsl
 
 from gateway.types import Scope
@@ -53,3 +53,10 @@ class ClientAddress:
             if not self._is_trusted(hop):
                 return hop
         return hops[0] if hops else peer
+
+
+def own_origin(scope: Scope, headers: Mapping[str, str]) -> str:
+    """The origin this request was addressed to (scheme and Host), which is always allowed."""
+    scheme = scope.get("scheme", "http")
+    scheme = {"ws": "http", "wss": "https"}.get(scheme, scheme)
+    return f"{scheme}://{headers.get('host', '')}"

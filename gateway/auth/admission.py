@@ -1,8 +1,11 @@
-"""Admission of a browser stream: origin, token, authorization, resource name and limits.
+"""Admission: the one path every stream, socket and poll goes through, before anything opens upstream.
 
-Both transports (SSE and WebSocket) and the polling endpoints go through here, so a
-request is refused the same way whichever door it knocks on, and always before
-anything is opened upstream.
+`admit` authenticates a request (origin, token, client address). `connection` takes its
+connection slot. `join` authorizes one stream and subscribes it to the hub, and
+`StreamHold.claim` then takes the stream's per-user slot and the one-stream claim. Each
+hold releases what it took exactly once, on every exit path (`release` is idempotent), so
+SSE and WebSocket refuse, count and release the same way whichever door a browser knocks on.
+Refusals are `GatewayError`s, counted here once (auth failures by reason, limits by limit).
 """
 
 from __future__ import annotations
@@ -10,12 +13,18 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from gateway.auth.address import ClientAddress
+from gateway.auth.address import ClientAddress, own_origin
 from gateway.auth.authz import Authorizer
 from gateway.auth.tokens import Authenticator, Principal
 from gateway.codec.streams import StreamNameError, resource_key
 from gateway.config import ServerConfig
-from gateway.errors import AuthError, GatewayError, NotFound
+from gateway.errors import AuthError, GatewayError, LimitError, NotFound
+from gateway.hub.ports import StreamUnavailable
+from gateway.hub.registry import Hub
+from gateway.hub.subscription import Subscription
+from gateway.limits.connections import ConnectionLimiter
+from gateway.limits.exclusive import ExclusiveStreams
+from gateway.limits.quota import StreamQuota
 from gateway.metrics import Metrics
 from gateway.types import Scope
 
@@ -30,58 +39,116 @@ def validate_resource(kind: str, resource_id: str) -> str:
         raise GatewayError(exc.message, status=400, code="invalid_id") from None
 
 
-def header_map(scope: Scope) -> dict[str, str]:
-    """Request headers as a dict (first value wins), names lower-case."""
-    headers: dict[str, str] = {}
-    for name, value in scope.get("headers", ()):
-        headers.setdefault(name.decode("latin-1"), value.decode("latin-1"))
-    return headers
-
-
-def own_origin(scope: Scope, headers: Mapping[str, str]) -> str:
-    scheme = scope.get("scheme", "http")
-    scheme = {"ws": "http", "wss": "https"}.get(scheme, scheme)
-    return f"{scheme}://{headers.get('host', '')}"
-
-
 @dataclass(slots=True)
 class Admitted:
+    """An authenticated request: who, from where, and how it proved it."""
+
     principal: Principal
-    resource: str | None
     client_ip: str
     origin: str | None
     cookie_auth: bool
 
+    @property
+    def consumer(self) -> str:
+        return self.principal.consumer
+
+
+class ConnectionHold:
+    """One open connection counted towards `server.max_connections*`; released once."""
+
+    __slots__ = ("_limiter", "consumer", "ip", "released")
+
+    def __init__(self, limiter: ConnectionLimiter, consumer: str, ip: str) -> None:
+        self._limiter = limiter
+        self.consumer = consumer
+        self.ip = ip
+        self.released = False
+
+    def release(self) -> None:
+        if not self.released:
+            self.released = True
+            self._limiter.release(self.consumer, self.ip)
+
+
+class StreamHold:
+    """One admitted stream: its hub subscription and, once claimed, its per-user slot and one-stream claim."""
+
+    __slots__ = ("_admission", "claimed", "consumer", "released", "resource", "sub")
+
+    def __init__(self, admission: Admission, consumer: str, resource: str, sub: Subscription) -> None:
+        self._admission = admission
+        self.consumer = consumer
+        self.resource = resource
+        self.sub = sub
+        self.claimed = False
+        self.released = False
+
+    async def claim(self) -> None:
+        """Take the per-user stream slot and the one-stream claim (cluster-wide with Redis).
+
+        Raises LimitError (counted); whatever happens, including cancellation, a failed claim
+        leaves the hold released.
+        """
+        admission = self._admission
+        try:
+            admission.quota.acquire(self.consumer, self.resource)
+        except LimitError as exc:
+            self.release()
+            admission.refused(exc)
+            raise
+        self.claimed = True
+        try:
+            await admission.exclusive.acquire(self.consumer, self.resource, self.sub)
+        except BaseException as exc:
+            if isinstance(exc, LimitError):
+                admission.refused(exc)
+            self.release()
+            raise
+
+    def release(self) -> None:
+        if self.released:
+            return
+        self.released = True
+        admission = self._admission
+        if self.claimed:
+            admission.exclusive.leave(self.consumer, self.resource, self.sub)
+            admission.quota.release(self.consumer, self.resource)
+        admission.hub.unsubscribe(self.sub)
+
 
 class Admission:
-    """Runs the checks every stream and poll request must pass."""
+    """Runs the checks every stream, socket and poll must pass, and takes and releases what they hold."""
 
     def __init__(self, server: ServerConfig, authenticator: Authenticator, authorizer: Authorizer,
-                 metrics: Metrics) -> None:
+                 metrics: Metrics, *, hub: Hub, limiter: ConnectionLimiter, quota: StreamQuota,
+                 exclusive: ExclusiveStreams) -> None:
         self.server = server
         self.authenticator = authenticator
         self.authorizer = authorizer
         self.metrics = metrics
+        self.hub = hub
+        self.limiter = limiter
+        self.quota = quota
+        self.exclusive = exclusive
         self.addresses = ClientAddress(server.trusted_proxies)
         self._allowed = frozenset(server.allowed_origins)
 
     def origin_allowed(self, origin: str | None, scope: Scope, headers: Mapping[str, str]) -> bool:
         if origin is None:
             return True
-        return origin == own_origin(scope, headers) or origin in self._allowed or "*" in self._allowed
+        return origin == own_origin(scope, headers) or origin in self._allowed
 
     def cors_headers(self, origin: str | None, scope: Scope, headers: Mapping[str, str]) -> list[tuple[bytes, bytes]]:
         """CORS headers for a cross-origin browser that is on the allowlist (credentials included)."""
         if origin is None or origin == own_origin(scope, headers):
             return []
-        if origin in self._allowed or "*" in self._allowed:
+        if origin in self._allowed:
             return [(b"access-control-allow-origin", origin.encode("latin-1")),
                     (b"access-control-allow-credentials", b"true"), (b"vary", b"Origin")]
         return []
 
-    async def admit(self, scope: Scope, headers: Mapping[str, str], resource: str | None,
-                    websocket: bool = False) -> Admitted:
-        """Authenticate and authorize; raises GatewayError (401/403) with a short reason."""
+    async def admit(self, scope: Scope, headers: Mapping[str, str], *, websocket: bool = False) -> Admitted:
+        """Authenticate (origin, token); raises AuthError (401/403) with a short reason."""
         try:
             origin = headers.get("origin")
             token, cookie_auth = self._token(scope, headers, websocket)
@@ -89,21 +156,54 @@ class Admission:
                 raise AuthError("origin is not allowed", status=403, code="origin_not_allowed",
                                 reason="origin_not_allowed")
             principal = await self.authenticator.authenticate(token)
-            if resource is not None:
-                await self.authorizer.check(principal, resource)
         except AuthError as exc:
             self.metrics.auth_failures.labels(exc.reason).inc()
             raise
         client = scope.get("client") or ("unknown", 0)
         ip = self.addresses.resolve(str(client[0]), headers.get("x-forwarded-for"))
-        return Admitted(principal, resource, ip, origin, cookie_auth)
+        return Admitted(principal, ip, origin, cookie_auth)
 
     async def authorize(self, admitted: Admitted, resource: str) -> None:
+        """May this principal watch (or poll) `resource`? AuthError (403) if not."""
         try:
             await self.authorizer.check(admitted.principal, resource)
         except AuthError as exc:
             self.metrics.auth_failures.labels(exc.reason).inc()
             raise
+
+    def refused(self, exc: LimitError) -> None:
+        """Count a refusal by a limit (once, whichever transport)."""
+        self.metrics.limit_rejections.labels(exc.reason).inc()
+
+    def connection(self, admitted: Admitted) -> ConnectionHold:
+        """Count one open connection towards the caps; LimitError (429/503) when one is full."""
+        try:
+            self.limiter.acquire(admitted.consumer, admitted.client_ip)
+        except LimitError as exc:
+            self.refused(exc)
+            raise
+        return ConnectionHold(self.limiter, admitted.consumer, admitted.client_ip)
+
+    async def join(self, admitted: Admitted, resource: str, after_id: str | None) -> StreamHold:
+        """Authorize `resource` and subscribe to it: AuthError (403), LimitError (409/429/503).
+
+        Nothing is claimed yet (see `StreamHold.claim`), so a join that turns out to need no
+        stream (a resume after the stream's end) supersedes nobody; release it either way.
+        """
+        await self.authorize(admitted, resource)
+        consumer = admitted.consumer
+        try:
+            self.exclusive.check(consumer, resource)
+            self.quota.check(consumer, resource)
+            try:
+                sub = self.hub.subscribe(resource, after_id, consumer)
+            except StreamUnavailable as exc:
+                raise LimitError(str(exc), status=503, code="over_capacity", retry_after=5,
+                                 reason="max_streams") from None
+        except LimitError as exc:
+            self.refused(exc)
+            raise
+        return StreamHold(self, consumer, resource, sub)
 
     def _token(self, scope: Scope, headers: Mapping[str, str], websocket: bool) -> tuple[str, bool]:
         if websocket and "authorization" not in headers:

@@ -16,6 +16,8 @@ KINDS = ("evaluations", "trace-evaluations", "optimizations")
 JOB_KIND = "optimizations"
 #: Kinds with a polling endpoint (`GET /api/v1/<kind>/<id>`): the job API is not proxied.
 POLLABLE_KINDS = ("evaluations", "trace-evaluations")
+#: Kinds with a listing endpoint (`GET /api/v1/<kind>`).
+LISTABLE_KINDS = ("evaluations", "optimizations")
 #: Upstream event names that end a stream.
 TERMINAL_EVENTS = frozenset({"final", "error", "job_complete", "job_failed", "job_cancelled"})
 #: A job waiting on a person: it does not count towards the inactivity limit until resumed.

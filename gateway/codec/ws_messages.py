@@ -3,7 +3,7 @@
 No sockets here: `parse_message` turns one text message into a typed command or raises
 `ProtocolError` with a stable code, and the builders return the exact JSON text of each
 server message. Event messages are not built here: each `Event` carries its own `ws` text,
-encoded once for every subscriber (see `gateway.events`).
+encoded once for every subscriber (see `codec.events`).
 """
 
 from __future__ import annotations

@@ -13,7 +13,7 @@ import logging
 import time
 from collections.abc import Callable, Iterable
 
-from gateway.codec.closes import SHUTTING_DOWN, SLOW_CONSUMER, TOKEN_EXPIRED, CloseReason
+from gateway.codec.closes import SHUTTING_DOWN, SLOW_CONSUMER, CloseReason
 from gateway.config import LimitsConfig
 from gateway.hub.flush import FlushQueue
 from gateway.hub.ports import Broker, StreamUnavailable
@@ -164,7 +164,7 @@ class Hub:
             self.metrics.upstream_streams.labels(topic.kind).dec()
 
     def sweep(self) -> None:
-        """Abort subscribers stuck in one write for longer than `limits.send_timeout`; end expired ones.
+        """Abort subscribers stuck in one write for longer than `limits.send_timeout`.
 
         One pass a second for every subscriber is cheaper than a timer each (a timer costs
         more memory than the rest of an idle subscriber).
@@ -179,8 +179,6 @@ class Hub:
                         sub.abort()
                     except Exception:
                         sub.fail("abort")
-                elif sub.deadline <= now:
-                    sub.close(TOKEN_EXPIRED)
 
     def tick(self) -> None:
         """Wake every subscriber so idle ones send a heartbeat or notice the inactivity limit."""

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import math
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
@@ -28,7 +27,7 @@ class Subscription:
     """One subscriber's position in one topic."""
 
     __slots__ = (
-        "abort", "close_reason", "closed", "consumer", "continuity_lost", "cursor", "deadline", "direct", "failed",
+        "abort", "close_reason", "closed", "consumer", "continuity_lost", "cursor", "direct", "failed",
         "last_delivery", "last_write", "resume_id", "sending_since", "sent_bytes", "sent_events",
         "tally", "topic", "wake", "ws",
     )
@@ -46,8 +45,6 @@ class Subscription:
         self.last_delivery = now
         self.last_write = now
         self.sending_since = 0.0
-        #: When the subscriber's credentials expire (hub clock); the sweep closes it as `token_expired`.
-        self.deadline = math.inf
         #: Set by owners whose frames are the topic's joined bytes as they are (an SSE stream, a
         #: WebSocket connection): the topic's pass then writes them itself when this subscriber is
         #: caught up and nothing else is due (`Topic.flush`).

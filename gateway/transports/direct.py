@@ -9,9 +9,9 @@ socket, and the bytes the hub joined once are written to every subscriber as the
 
 `DirectHttpProtocol` is uvicorn's httptools protocol with the extension added. Servers
 without it (h11, other ASGI servers) simply don't offer it, and streams fall back to
-`send`; see `gateway.sse_stream`. `DirectWebSocketProtocol` does the same for accepted
+`send`; see `transports.sse`. `DirectWebSocketProtocol` does the same for accepted
 WebSockets: the application may write whole, ready-made frames (an event's frame is the
-same bytes on every socket, so it is built once); see `gateway.ws_stream`.
+same bytes on every socket, so it is built once); see `transports.ws_writer`.
 """
 
 from __future__ import annotations

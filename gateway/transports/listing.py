@@ -21,11 +21,10 @@ from gateway.auth.address import header_map
 from gateway.auth.admission import Admission, validate_resource
 from gateway.auth.authz import Authorizer
 from gateway.auth.tokens import Principal
+from gateway.codec.streams import LISTABLE_KINDS
 from gateway.errors import AuthError, GatewayError
 from gateway.upstream.polling import Poller
 
-#: Stream kinds with a listing endpoint.
-LISTABLE = ("evaluations", "optimizations")
 #: Most items one listing returns.
 MAX_ITEMS = 500
 #: Most items of one listing that the authorization webhook is asked about (the token's streams claim
@@ -47,9 +46,9 @@ class Listings:
         headers = header_map(request.scope)
         cors = self.admission.cors_headers(headers.get("origin"), request.scope, headers)
         try:
-            if kind not in LISTABLE:
+            if kind not in LISTABLE_KINDS:
                 raise GatewayError("not found", status=404, code="not_found")
-            admitted = await self.admission.admit(request.scope, headers, None)
+            admitted = await self.admission.admit(request.scope, headers)
         except GatewayError as exc:
             return _response(exc.status, exc.body(), exc.headers() + cors)
         result = await self.poller.get(kind)

@@ -1,44 +1,37 @@
 """Browser SSE streams: admitted through ASGI, then driven by callbacks on the socket.
 
-Admission (token, authorization, limits, the one-stream rule) runs as an ordinary ASGI
-request, so every refusal keeps its normal HTTP response. An admitted stream then has no
-task of its own. Its output is the subscription's `direct` output, so the topic's pass
-writes new frames to it while it is caught up (`Topic.flush`); anything else (the history
-of a resume, a continuity notice, the goodbye, a heartbeat, a drained socket) goes through
-`wake`, which queues the stream for the same pass, and `flush`, which writes every pending
-frame with one write. Under the gateway's uvicorn protocol the socket itself is the output
-(`gateway.direct`), so the bytes the hub joined once go to every subscriber as they are;
-other servers get the same stream over `send`.
-Every close the gateway initiates ends with a `gateway.close` event.
+Admission (`auth.admission`) runs as an ordinary ASGI request, so every refusal keeps its
+normal HTTP response. An admitted stream then has no task of its own. Its output is the
+subscription's `direct` output, so the topic's pass writes new frames to it while it is
+caught up (`Topic.flush`); anything else (the history of a resume, a continuity notice, the
+goodbye, a heartbeat, a drained socket) goes through `wake`, which queues the stream for the
+same pass, and `flush`, which writes every pending frame with one write. Under the gateway's
+uvicorn protocol the socket itself is the output (`transports.direct`), so the bytes the hub
+joined once go to every subscriber as they are; other servers get the same stream over
+`send` (`transports.sse_fallback`). Every close the gateway initiates ends with a
+`gateway.close` event (`transports.ending` decides when).
 """
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import json
 import logging
 import random
 import time
 from collections.abc import Callable
-from urllib.parse import parse_qsl
 
-from gateway.auth.address import header_map
-from gateway.auth.admission import Admission, validate_resource
-from gateway.codec.closes import CLOSE_EVENT, CONTINUITY_LOST_EVENT, INACTIVITY_TIMEOUT, CloseReason
+from gateway.auth.address import header_map, query_value
+from gateway.auth.admission import Admission, ConnectionHold, StreamHold, validate_resource
+from gateway.codec.closes import CLOSE_EVENT, CONTINUITY_LOST_EVENT, TOKEN_EXPIRED
 from gateway.codec.sse import encode_comment, encode_event, encode_retry
-from gateway.codec.streams import JOB_KIND, resume_id
+from gateway.codec.streams import resume_id
 from gateway.config import LimitsConfig
-from gateway.errors import GatewayError, LimitError, respond
-from gateway.hub.ports import StreamUnavailable
-from gateway.hub.registry import Hub
-from gateway.hub.subscription import Subscription
-from gateway.limits.connections import ConnectionLimiter
-from gateway.limits.exclusive import ExclusiveStreams
-from gateway.limits.quota import StreamQuota
+from gateway.errors import GatewayError, respond
 from gateway.logs import new_request_id, request_id
 from gateway.metrics import Deliveries, Metrics
-from gateway.transports.direct import Output, Sink, detacher
+from gateway.transports.direct import Output, detacher
+from gateway.transports.ending import Ending, Expiries, Expiry, continuity_notice, ending
+from gateway.transports.sse_fallback import SendOutput
 from gateway.types import Receive, Scope, Send
 
 log = logging.getLogger("gateway.sse")
@@ -49,45 +42,33 @@ _STREAM_HEADERS = [
     (b"cache-control", b"no-store"),
     (b"x-accel-buffering", b"no"),
 ]
-#: Bytes the `send` fallback buffers before it reports itself paused (the socket's own limit, for direct output).
-FALLBACK_HIGH_WATER = 1 << 16
 
 
-def close_frame(reason: CloseReason, sub: Subscription, detail: str | None = None, **extra: object) -> bytes:
+def close_frame(end: Ending) -> bytes:
     """The final `gateway.close` event (no `id:`, so the client's resume point stays put)."""
-    return encode_event(reason.payload(lastEventId=sub.last_id(), detail=detail, **extra), event=CLOSE_EVENT)
+    assert end.reason is not None
+    return encode_event(end.reason.payload(lastEventId=end.last_event_id, detail=end.detail, poll=end.poll),
+                        event=CLOSE_EVENT)
 
 
-def continuity_frame(sub: Subscription) -> bytes:
-    topic = sub.topic
-    first = topic.events[0].id if topic.events else None
-    payload = (
-        '{"code":"continuity_lost","reason":"' + (sub.continuity_lost or "unknown") + '"'
-        + (',"oldestRetainedId":' + _json_str(first) if first is not None else "") + "}"
-    )
+def continuity_frame(reason: str, oldest: str | None) -> bytes:
+    payload = ('{"code":"continuity_lost","reason":' + json.dumps(reason)
+               + (',"oldestRetainedId":' + json.dumps(oldest) if oldest is not None else "") + "}")
     return encode_event(payload, event=CONTINUITY_LOST_EVENT)
-
-
-def _json_str(value: str) -> str:
-    return json.dumps(value)
 
 
 class SSEStreams:
     """`GET /api/v1/{kind}/{id}/stream` for browsers."""
 
-    def __init__(self, hub: Hub, admission: Admission, limiter: ConnectionLimiter, exclusive: ExclusiveStreams,
-                 limits: LimitsConfig, metrics: Metrics, clock: Callable[[], float] = time.monotonic,
-                 wall_clock: Callable[[], float] = time.time, quota: StreamQuota | None = None) -> None:
-        self.hub = hub
+    def __init__(self, admission: Admission, limits: LimitsConfig, metrics: Metrics, expiries: Expiries,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self.admission = admission
-        self.limiter = limiter
-        self.exclusive = exclusive
-        self.quota = quota or StreamQuota(limits.max_streams_per_consumer)
+        self.hub = admission.hub
         self.limits = limits
         self.metrics = metrics
+        self.expiries = expiries
         self.clock = clock
-        self.wall_clock = wall_clock
-        self.flushes = hub.flushes
+        self.flushes = self.hub.flushes
         self.deliveries = Deliveries(metrics.frames_sent.labels("sse"), metrics.fanout_delay, clock)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send, kind: str, resource_id: str) -> None:
@@ -98,74 +79,53 @@ class SSEStreams:
             request_id.reset(token)
 
     async def _handle(self, scope: Scope, receive: Receive, send: Send, kind: str, resource_id: str) -> None:
+        admission = self.admission
         headers = header_map(scope)
-        cors = self.admission.cors_headers(headers.get("origin"), scope, headers)
+        cors = admission.cors_headers(headers.get("origin"), scope, headers)
+        connection: ConnectionHold | None = None
         try:
             resource = validate_resource(kind, resource_id)
-            admitted = await self.admission.admit(scope, headers, resource)
-            consumer = admitted.principal.consumer
-            self.limiter.check(consumer, admitted.client_ip)
-            self.exclusive.check(consumer, resource)
-            self.quota.check(consumer, resource)
-            after_id = resume_id(headers.get("last-event-id") or _query_value(scope, "lastEventId"))
-            sub = self.hub.subscribe(resource, after_id, consumer)
-        except LimitError as exc:
-            self.metrics.limit_rejections.labels(exc.reason).inc()
-            log.info("stream refused", extra={"transport": "sse", "status": exc.status, "code": exc.code})
-            await respond(send, exc, cors)
-            return
-        except StreamUnavailable as exc:
-            self.metrics.limit_rejections.labels("max_streams").inc()
-            await respond(send, LimitError(str(exc), status=503, code="over_capacity", retry_after=5,
-                                           reason="max_streams"), cors)
-            return
+            admitted = await admission.admit(scope, headers)
+            connection = admission.connection(admitted)
+            after_id = resume_id(headers.get("last-event-id") or query_value(scope, "lastEventId"))
+            hold = await admission.join(admitted, resource, after_id)
+            sub = hold.sub
+            if after_id is not None and sub.topic.ended and sub.drained and sub.topic.end_reason is None:
+                # Resuming after the terminal event: 204 tells EventSource to stop reconnecting.
+                hold.release()
+                connection.release()
+                await send({"type": "http.response.start", "status": 204, "headers": cors})
+                await send({"type": "http.response.body", "body": b""})
+                return
+            await hold.claim()
         except GatewayError as exc:
+            if connection is not None:
+                connection.release()
             log.info("stream refused", extra={"transport": "sse", "status": exc.status, "code": exc.code,
                                               "reason": exc.reason})
             await respond(send, exc, cors)
             return
-        stream: _Stream | None = None
-        ip = admitted.client_ip
-        try:
-            if after_id is not None and sub.topic.ended and sub.drained and sub.topic.end_reason is None:
-                # Resuming after the terminal event: 204 tells EventSource to stop reconnecting.
-                await send({"type": "http.response.start", "status": 204, "headers": cors})
-                await send({"type": "http.response.body", "body": b""})
-                return
-            self.limiter.acquire(consumer, ip)
-            self.quota.acquire(consumer, resource)  # checked above, with nothing awaited since
-            try:
-                await self.exclusive.acquire(consumer, resource, sub)
-            except BaseException as exc:
-                self.quota.release(consumer, resource)
-                self.limiter.release(consumer, ip)
-                if not isinstance(exc, LimitError):
-                    raise
-                # Another replica holds this user's stream (reject policy).
-                self.metrics.limit_rejections.labels(exc.reason).inc()
-                await respond(send, exc, cors)
-                return
-            stream = _Stream(self, sub, consumer, ip, resource, admitted.principal.valid_until)
-        finally:
-            if stream is None:
-                self.hub.unsubscribe(sub)
+        except BaseException:
+            if connection is not None:
+                connection.release()
+            raise
+        stream = _Stream(self, hold, connection, admitted.principal.valid_until)
         await stream.run(scope, receive, send, _STREAM_HEADERS + cors, after_id)
 
 
 class _Stream:
-    """One admitted subscriber: its subscription, its output and the state between writes."""
+    """One admitted subscriber: what it holds, its output and the state between writes."""
 
-    __slots__ = ("aborted", "consumer", "done", "expires_at", "ip", "out", "owner",
-                 "queued", "resource", "rid", "started", "sub")
+    __slots__ = ("aborted", "connection", "done", "expiry", "hold", "out", "owner", "queued", "rid", "started",
+                 "sub", "valid_until")
 
-    def __init__(self, owner: SSEStreams, sub: Subscription, consumer: str, ip: str, resource: str,
-                 expires_at: float) -> None:
+    def __init__(self, owner: SSEStreams, hold: StreamHold, connection: ConnectionHold, valid_until: float) -> None:
         self.owner = owner
-        self.sub = sub
-        self.consumer = consumer
-        self.ip = ip
-        self.resource = resource
-        self.expires_at = expires_at
+        self.hold = hold
+        self.connection = connection
+        self.sub = hold.sub
+        self.valid_until = valid_until
+        self.expiry: Expiry | None = None
         self.rid = request_id.get()
         self.out: Output | None = None
         self.queued = False
@@ -187,7 +147,7 @@ class _Stream:
         if out is not None:
             self._start(out)
             return
-        fallback = _SendOutput(self, send, receive)
+        fallback = SendOutput(self, send, receive)
         try:
             self._start(fallback)
             await fallback.run(headers)
@@ -202,7 +162,7 @@ class _Stream:
         sub.abort = self.abort
         sub.direct = out  # the topic's pass may write the joined frames itself (see `Topic.flush`)
         sub.tally = owner.deliveries
-        sub.deadline = owner.clock() + max(0.0, self.expires_at - owner.wall_clock())
+        self.expiry = owner.expiries.schedule(self.valid_until, self.expire)
         owner.metrics.subscribers.labels("sse", sub.topic.kind).inc()
         # Jittered reconnect delay so a gateway restart does not bring every browser back at once.
         out.write(encode_retry(random.randint(1000, 5000)))
@@ -232,6 +192,10 @@ class _Stream:
                 self.out.abort()
             self._finish()
 
+    def expire(self) -> None:
+        """The token passed `exp + leeway` (`Expiries`): the stream ends as `token_expired`."""
+        self.sub.close(TOKEN_EXPIRED)
+
     # --- writing ---------------------------------------------------------------------
 
     def flush(self) -> None:
@@ -248,11 +212,11 @@ class _Stream:
             if not sub.sending_since:
                 sub.sending_since = now
             return
-        if sub.continuity_lost:
+        notice = continuity_notice(sub)
+        if notice is not None:
             # At the start, or later: a resume that waited for its id learns it is gone, or the
             # feed could not deliver some events (each such hole is told once, where it is).
-            out.write(continuity_frame(sub))
-            sub.continuity_lost = None
+            out.write(continuity_frame(*notice))
         topic = sub.topic
         if not sub.closed:
             while (taken := sub.take()) is not None:
@@ -268,29 +232,17 @@ class _Stream:
                     return
                 if sub.cursor >= topic.head and not topic.ended:
                     return  # the common case: all caught up, just written (no goodbye, no heartbeat due)
-        if not sub.closed:
-            if topic.ended and sub.drained:
-                if topic.end_reason is not None:
-                    out.write(close_frame(topic.end_reason, sub, detail=topic.end_detail))
-                    owner.metrics.closes.labels(topic.end_reason.code).inc()
-                self._end()
-                return
-            if now - sub.last_delivery >= owner.limits.inactivity_timeout and not topic.paused:
-                sub.close(INACTIVITY_TIMEOUT)
-        if sub.closed:
-            if sub.close_reason is not None:
-                out.write(close_frame(sub.close_reason, sub, poll=self._poll_url()))
+        end = ending(sub, now, owner.limits.inactivity_timeout)
+        if end is not None:
+            if end.reason is not None:
+                out.write(close_frame(end))
+                if not sub.closed:  # the stream's own end (an upstream failure); a closed sub counts in _finish
+                    owner.metrics.closes.labels(end.reason.code).inc()
             self._end()
             return
         if now - sub.last_write >= owner.limits.heartbeat * 0.9:
             sub.last_write = now
             out.write(_HEARTBEAT)
-
-    def _poll_url(self) -> str | None:
-        topic = self.sub.topic
-        if self.sub.close_reason is INACTIVITY_TIMEOUT and topic.kind != JOB_KIND:
-            return f"/api/v1/{topic.kind}/{topic.resource_id}"
-        return None
 
     def _end(self) -> None:
         if self.out is not None:
@@ -309,12 +261,12 @@ class _Stream:
         sub.wake = _noop
         sub.abort = _noop
         sub.direct = sub.tally = None
+        if self.expiry is not None:
+            self.expiry.cancel()
         if self.out is not None:
             owner.metrics.subscribers.labels("sse", sub.topic.kind).dec()
-        owner.exclusive.leave(self.consumer, self.resource, sub)
-        owner.quota.release(self.consumer, self.resource)
-        owner.limiter.release(self.consumer, self.ip)
-        owner.hub.unsubscribe(sub)
+        self.hold.release()
+        self.connection.release()
         if reason is not None:
             owner.metrics.closes.labels(reason.code).inc()
         if self.aborted or (reason is not None and reason.code == "slow_consumer"):
@@ -328,94 +280,5 @@ class _Stream:
             request_id.reset(token)
 
 
-class _SendOutput:
-    """The `Output` seam over ASGI `send`, for servers that do not offer `gateway.direct`.
-
-    Writes collect in a buffer that one loop in the request's task sends; the buffer
-    reports itself paused past `FALLBACK_HIGH_WATER`, as a socket would.
-    """
-
-    def __init__(self, sink: Sink, send: Send, receive: Receive) -> None:
-        self._sink = sink
-        self._send = send
-        self._receive = receive
-        self._buffer: list[bytes] = []
-        self._size = 0
-        self._ready = asyncio.Event()
-        self._closing = False
-        self._gone = False
-        self._task: asyncio.Task[object] | None = None
-
-    @property
-    def paused(self) -> bool:
-        return self._size >= FALLBACK_HIGH_WATER
-
-    def write(self, data: bytes) -> None:
-        if data and not self._closing:
-            self._buffer.append(data)
-            self._size += len(data)
-            self._ready.set()
-
-    def close(self) -> None:
-        self._closing = True
-        self._ready.set()
-
-    def abort(self) -> None:
-        self._gone = True
-        self._ready.set()
-        if self._task is not None and self._task is not asyncio.current_task():
-            self._task.cancel()
-
-    async def run(self, headers: list[tuple[bytes, bytes]]) -> None:
-        """Send the head, then whatever is written, until the stream closes or the client leaves."""
-        task = self._task = asyncio.current_task()
-        assert task is not None
-        watcher = asyncio.get_running_loop().create_task(self._watch())
-        try:
-            await self._send({"type": "http.response.start", "status": 200, "headers": headers})
-            while not self._gone:
-                if self._buffer:
-                    was_paused = self.paused
-                    body = b"".join(self._buffer)
-                    self._buffer.clear()
-                    self._size = 0
-                    await self._send({"type": "http.response.body", "body": body, "more_body": True})
-                    if was_paused:
-                        self._sink.writable()
-                elif self._closing:
-                    with contextlib.suppress(Exception):
-                        async with asyncio.timeout(1.0):
-                            await self._send({"type": "http.response.body", "body": b"", "more_body": False})
-                    return
-                else:
-                    await self._ready.wait()
-                    self._ready.clear()
-        except asyncio.CancelledError:
-            if not self._gone:
-                raise
-            task.uncancel()
-        finally:
-            watcher.cancel()
-
-    async def _watch(self) -> None:
-        while True:
-            message = await self._receive()
-            if message["type"] == "http.disconnect":
-                self._gone = True
-                self._ready.set()
-                self._sink.lost()
-                return
-
-
 def _noop() -> None:
-    return None
-
-
-def _query_value(scope: Scope, name: str) -> str | None:
-    raw = scope.get("query_string", b"")
-    if not raw:
-        return None
-    for key, value in parse_qsl(raw.decode("latin-1")):
-        if key == name:
-            return str(value)
     return None

@@ -94,11 +94,12 @@ class SSEFeed:
             await asyncio.sleep(delay)
 
     async def _connect_once(self) -> int:
-        headers = {"Accept": "text/event-stream", "X-API-Key": self.config.api_key or "",
-                   "Cache-Control": "no-store"}
+        headers = {b"accept": b"text/event-stream", b"x-api-key": (self.config.api_key or "").encode(),
+                   b"cache-control": b"no-store"}
         last = self.topic.last_id
         if last is not None and self.upstream_ids:
-            headers["Last-Event-ID"] = last
+            # The id as the upstream sent it: its UTF-8 bytes (an `id:` line never holds CR, LF or NUL).
+            headers[b"last-event-id"] = last.encode()
         timeout = httpx.Timeout(self.config.read_timeout, connect=self.config.connect_timeout)
         async with self.client.stream("GET", self.url, headers=headers, timeout=timeout,
                                       follow_redirects=False) as response:
@@ -117,7 +118,7 @@ class SSEFeed:
                 raise FeedError(f"upstream answered {status}" + (f" ({code})" if code else ""))
             self.connected.set()
             log.info("upstream connected", extra={
-                "stream_kind": self.topic.kind, "resume": "Last-Event-ID" in headers,
+                "stream_kind": self.topic.kind, "resume": b"last-event-id" in headers,
                 "attempt": self.backoff.attempt})
             return await self._consume(response)
 
