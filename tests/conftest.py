@@ -35,6 +35,16 @@ def pytest_configure(config: pytest.Config) -> None:
     tests.servers.PLAIN_ASGI = bool(config.getoption("--plain-asgi"))
 
 
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Under --plain-asgi, tests of the direct socket itself do not apply: they are deselected (not skipped)."""
+    if not config.getoption("--plain-asgi"):
+        return
+    kept = [item for item in items if item.get_closest_marker("direct_only") is None]
+    if len(kept) != len(items):
+        config.hook.pytest_deselected(items=[item for item in items if item not in kept])
+        items[:] = kept
+
+
 @dataclass
 class Sim:
     url: str

@@ -79,6 +79,7 @@ async def test_drain_says_goodbye_with_a_reconnect_code(sim: Sim, gateway_factor
     await wait_for(released(gateway), message="streams released")
 
 
+@pytest.mark.direct_only
 async def test_direct_output_ends_a_stream_with_the_last_chunk(sim: Sim, gateway: Gateway) -> None:
     """The detached socket ends a finished stream with chunked encoding's last chunk, then closes.
 
