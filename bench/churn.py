@@ -175,6 +175,7 @@ class Conn(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._settle(self.status or "closed before the response head")
+        self.owner.closed(self)
         if not self.dropped and not self.over:
             self.over = True
             self.owner.reached(self)
@@ -223,6 +224,9 @@ class Seats:
         #: Connections a `settle` or a `storm` waits for (first event, or the end), and its future.
         self._waiting: set[Conn] = set()
         self._all_reached: asyncio.Future[None] | None = None
+        #: Dropped connections whose sockets a storm waits to see closed, and its future.
+        self._closing_conns: set[Conn] = set()
+        self._all_closed: asyncio.Future[None] | None = None
 
     # --- connections ---------------------------------------------------------------------
 
@@ -244,6 +248,14 @@ class Seats:
             conn.status = f"connect error: {exc.strerror or exc}"
             conn._settle(conn.status)
         return conn
+
+    def closed(self, conn: Conn) -> None:
+        """`conn`'s socket is closed."""
+        closing = self._closing_conns
+        if conn in closing:
+            closing.discard(conn)
+            if not closing and self._all_closed is not None and not self._all_closed.done():
+                self._all_closed.set_result(None)
 
     def reached(self, conn: Conn) -> None:
         """`conn` has its first event, or will never get one."""
@@ -335,11 +347,18 @@ class Seats:
     async def storm(self, timeout: float) -> dict[str, Any]:
         """Drop every seat at once, reconnect every one at once with its last id, time the way back."""
         seats = [s for s in self.seats if s.conn is not None and s.conn.live]
+        old = [s.conn for s in seats if s.conn is not None]
+        self._closing_conns = set(old)
+        self._all_closed = asyncio.get_running_loop().create_future()
         dropped = time.monotonic()
-        for seat in seats:
-            assert seat.conn is not None
-            seat.conn.drop()
-        await asyncio.sleep(0)  # let the loop send the resets before the new connections start
+        for conn in old:
+            conn.drop()
+        # Reconnect once every old socket is closed (its RST sent): the new ones must not need
+        # twice the descriptors, and the server should see the drop before the comeback.
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._all_closed, 10)
+        self._closing_conns = set()
+        self._all_closed = None
         reconnected = time.monotonic()
         conns = [Conn(self, seat, seat.last_id) for seat in seats]
         waiting = asyncio.get_running_loop().create_task(self._wait_reached(conns, timeout))
@@ -355,7 +374,7 @@ class Seats:
             "last_first": max((c.first for c in resumed), default=0.0),
             "resumed": len(resumed), "no_gap": sum(1 for c in resumed if c.first_ok),
             "admission_ms": [round(1000 * (c.headed - c.started), 3) for c in headed],
-            "resume_ms": [round(1000 * (c.first - dropped), 3) for c in resumed],
+            "resume_ms": [round(1000 * (c.first - reconnected), 3) for c in resumed],
         }
 
     # --- the soak's churn ------------------------------------------------------------------
