@@ -171,7 +171,7 @@ class Subscriber(asyncio.Protocol):
 def _auth_header(target: Target, index: int, worker_id: int, run: str) -> bytes:
     if target.token_secret is None:
         return b""
-    from gateway.auth.tokens import mint_token
+    from bench.internals import mint_token
 
     token = mint_token(target.token_secret, "HS256", f"{target.token_prefix}-{run}-{worker_id}-{index}", 3600,
                        {"streams": ["*/*"]})
@@ -346,6 +346,20 @@ class Worker:
         self.lost = 0
         self.run = ""
         self.ack_writer: asyncio.StreamWriter | None = None
+        self.seats: Any = None  # bench.churn.Seats, for the storm and the soak
+
+    async def churn(self, msg: dict[str, Any]) -> dict[str, Any]:
+        """A `churn_*` operation (bench.churn): subscribers that drop, resume and move."""
+        from bench import churn
+
+        if self.seats is None:
+            self.seats = churn.Seats(self.worker_id)
+            gc.enable()  # long runs with churn make garbage; no latency histogram to protect here
+        reply = await churn.handle(self.seats, msg)
+        if msg["op"] == "churn_close":
+            self.seats = None
+            gc.collect()
+        return reply
 
     async def connect(self, target: Target, count: int, run: str, ready_timeout: float) -> dict[str, Any]:
         self.closing = False
@@ -465,6 +479,8 @@ def _worker_main(conn: Connection, worker_id: int, control: tuple[str, int]) -> 
                 reply = {"ok": True}
             elif op == "stats":
                 reply = worker.stats()
+            elif op.startswith("churn_"):
+                reply = await worker.churn(msg)
             elif op == "close":
                 worker.close_all()
                 await asyncio.sleep(0.05)
@@ -555,6 +571,18 @@ class LoadGen:
 
     def close(self) -> None:
         self._all([{"op": "close"}] * len(self.pipes), 30)
+
+    def churn(self, op: str, wait: float = 60.0, **fields: Any) -> list[dict[str, Any]]:
+        """The same `churn_*` operation (bench.churn) on every worker, answered within `wait` s; their replies."""
+        return self._all([{"op": f"churn_{op}", **fields}] * len(self.pipes), wait)
+
+    def churn_connect(self, total: int, timeout: float = 60.0, **fields: Any) -> list[dict[str, Any]]:
+        """Open `total` seats spread over the workers (distinct indexes, so distinct tokens)."""
+        workers = len(self.pipes)
+        share = [total // workers + (1 if i < total % workers else 0) for i in range(workers)]
+        firsts = [sum(share[:i]) for i in range(workers)]
+        return self._all([{"op": "churn_connect", "first": first, "count": count, "timeout": timeout, **fields}
+                          for first, count in zip(firsts, share, strict=True)], timeout + 120)
 
     def shutdown(self) -> None:
         with contextlib.suppress(Exception):

@@ -97,3 +97,18 @@ def pin(pids: list[int], cpus: set[int]) -> bool:
             except (ProcessLookupError, PermissionError, OSError):
                 ok = False
     return ok
+
+
+def tcp_counters(names: tuple[str, ...] = ("ListenOverflows", "ListenDrops", "TCPSynRetrans")) -> dict[str, int]:
+    """System-wide TCP counters (`TcpExt` of /proc/net/netstat): listen-queue overflows, SYN retransmissions."""
+    found: dict[str, int] = {}
+    try:
+        with open("/proc/net/netstat") as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return found
+    for header, values in zip(lines[::2], lines[1::2], strict=False):
+        if header.startswith("TcpExt:") and values.startswith("TcpExt:"):
+            found.update((k, int(v)) for k, v in zip(header.split()[1:], values.split()[1:], strict=False)
+                         if k in names)
+    return found

@@ -2,6 +2,8 @@
 
     python -m bench --quick     # about a minute: N in {100, 1000}, one repeat
     python -m bench --full      # N in {100, 1000, 5000}, 3 repeats, 10,000 held subscribers (~15 min)
+    python -m bench --storm     # reconnect storm (bench/storm.py; its own options: --storm --help)
+    python -m bench --soak      # soak with churn (bench/soak.py; its own options: --soak --help)
 
 For each run the system under test is started fresh; the load generator opens N subscribers
 (memory is read before and after), then the publisher drives one stream either closed-loop
@@ -341,7 +343,7 @@ class Bench:
         if self.ws_status is None:
             server = self.start("gateway")
             try:
-                from gateway.auth.tokens import mint_token
+                from bench.internals import mint_token
 
                 token = mint_token(self.secret, "HS256", "bench-probe", 60, {"streams": ["*/*"]})
                 self.ws_status = sut.probe_websocket(server.port, "/ws", token)
@@ -377,6 +379,16 @@ def summarize(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    # The other two modes have options of their own (`python -m bench --storm --help`).
+    if "--storm" in argv:
+        from bench.storm import main as storm
+
+        return storm([a for a in argv if a != "--storm"])
+    if "--soak" in argv:
+        from bench.soak import main as soak
+
+        return soak([a for a in argv if a != "--soak"])
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     size = parser.add_mutually_exclusive_group()

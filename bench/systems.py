@@ -18,7 +18,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -131,8 +131,11 @@ def _spawn(args: list[str], tmp: str, pythonpath: Path = REPO) -> tuple[subproce
 
 
 def gateway_config(port: int, upstream: str, api_key: str, secret: str, replay_buffer: int = 2048,
-                   redis_url: str | None = None) -> str:
+                   redis_url: str | None = None, limits: Mapping[str, float | int] | None = None) -> str:
+    """The gateway's YAML for a run; `limits` overrides keys of the `limits` section (the soak's short linger)."""
     broker = f"broker:\n  kind: redis\n  url: {redis_url}\n  key_prefix: 'bench:'\n" if redis_url else ""
+    section = {"heartbeat": 30, "replay_buffer": replay_buffer, "linger": 5, **(limits or {})}
+    limit_lines = "".join(f"  {key}: {value}\n" for key, value in section.items())
     return broker + f"""\
 server:
   host: 127.0.0.1
@@ -148,10 +151,7 @@ auth:
     algorithms: [HS256]
     secret: {secret}
 limits:
-  heartbeat: 30
-  replay_buffer: {replay_buffer}
-  linger: 5
-logging:
+{limit_lines}logging:
   level: warning
 """
 
@@ -167,7 +167,8 @@ def start_redis() -> Running:
     return _when_ready(Running("redis", port, proc, tmp, log), lambda: _wait_port(proc, port, log))
 
 
-def start_gateway(upstream: str, api_key: str, secret: str, source: Path = REPO, redis: bool = False) -> Running:
+def start_gateway(upstream: str, api_key: str, secret: str, source: Path = REPO, redis: bool = False,
+                  limits: Mapping[str, float | int] | None = None) -> Running:
     """Start the gateway; `source` may point at a private copy of the repository (profiling experiments).
 
     With `redis`, the gateway runs in shared mode (`broker.kind: redis`) against its own
@@ -178,7 +179,8 @@ def start_gateway(upstream: str, api_key: str, secret: str, source: Path = REPO,
     redis_server = start_redis() if redis else None
     config = Path(tmp) / "gateway.yaml"
     config.write_text(gateway_config(port, upstream, api_key, secret,
-                                     redis_url=f"redis://127.0.0.1:{redis_server.port}/0" if redis_server else None))
+                                     redis_url=f"redis://127.0.0.1:{redis_server.port}/0" if redis_server else None,
+                                     limits=limits))
     proc, log = _spawn([sys.executable, "-m", "gateway", "serve", "--config", str(config), "--port", str(port)],
                        tmp, pythonpath=source)
     running = Running("gateway-redis" if redis else "gateway", port, proc, tmp, log,

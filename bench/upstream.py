@@ -10,6 +10,10 @@ One process plays two parts:
   (message k goes out once every subscriber has message k-W: load generators report their
   progress as `A <run> <worker> <seq>` lines on the same socket) or at a fixed rate. The sink is
   this process's own upstream streams, or an nchan publisher location (HTTP POST per message).
+* the pacer (reconnect storm and soak, `Pacer`): many evaluations at once, each published at
+  its own steady rate from a given history onwards (`begin`), and ended with a terminal
+  `final` event on command (`end`), after which the upstream closes their streams as the
+  real one does.
 
 Run standalone: `python -m bench.upstream --port 0 --control-port 0 --api-key KEY` prints
 `READY <port> <control-port>`.
@@ -33,10 +37,14 @@ _STREAM_PATH = re.compile(rb"/api/v1/evaluations/([A-Za-z0-9._:-]+)/stream")
 _STATUS = re.compile(rb"HTTP/1\.[01] (\d{3})")
 HISTORY = 4096
 EVENT_NAME = b"progress"
+FINAL_EVENT = b"final"
+#: How long an ended evaluation's history is kept for late readers (then forgotten: bounded memory).
+ENDED_KEEP_S = 60.0
+_END_OF_BODY = b"0\r\n\r\n"
 
 
-def sse_frame(seq: int, payload: bytes) -> bytes:
-    return b"id: %d\nevent: %s\ndata: %s\n\n" % (seq, EVENT_NAME, payload)
+def sse_frame(seq: int, payload: bytes, event: bytes = EVENT_NAME) -> bytes:
+    return b"id: %d\nevent: %s\ndata: %s\n\n" % (seq, event, payload)
 
 
 def chunk(data: bytes) -> bytes:
@@ -51,8 +59,12 @@ class Streams:
         self.open: dict[str, set[UpstreamConnection]] = {}
         self.opened: Counter[str] = Counter()
         self.history: dict[str, deque[tuple[int, bytes]]] = {}
+        #: Evaluations that sent their terminal event: readers get the history, then the end of the body.
+        self.ended: set[str] = set()
 
     def publish(self, stream: str, frames: list[tuple[int, bytes]]) -> None:
+        if stream in self.ended:
+            return
         history = self.history.setdefault(stream, deque(maxlen=HISTORY))
         history.extend(frames)
         conns = self.open.get(stream)
@@ -60,6 +72,23 @@ class Streams:
             data = chunk(b"".join(frame for _, frame in frames))
             for conn in conns:
                 conn.transport.write(data)
+
+    def end(self, stream: str, final: tuple[int, bytes]) -> None:
+        """Publish the terminal event, then end every open stream of `stream` (the upstream closes after it)."""
+        self.publish(stream, [final])
+        self.ended.add(stream)
+        for conn in list(self.open.pop(stream, ())):
+            conn.finish()
+
+    def forget(self, stream: str) -> None:
+        """Drop an ended evaluation's history (its connection count stays for `stats`)."""
+        if stream in self.ended:
+            self.history.pop(stream, None)
+            self.ended.discard(stream)
+
+    @property
+    def open_connections(self) -> int:
+        return sum(len(conns) for conns in self.open.values())
 
 
 class UpstreamConnection(asyncio.Protocol):
@@ -100,7 +129,6 @@ class UpstreamConnection(asyncio.Protocol):
         stream = match.group(1).decode()
         self.stream = stream
         self.streams.opened[stream] += 1
-        self.streams.open.setdefault(stream, set()).add(self)
         self.transport.write(
             b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ncache-control: no-store\r\n"
             b"transfer-encoding: chunked\r\n\r\n" + chunk(b"retry: 1000\n\n"))
@@ -111,6 +139,15 @@ class UpstreamConnection(asyncio.Protocol):
             frames = [frame for seq, frame in history if seq > after]
             if frames:
                 self.transport.write(chunk(b"".join(frames)))
+        if stream in self.streams.ended:
+            self.finish()
+            return
+        self.streams.open.setdefault(stream, set()).add(self)
+
+    def finish(self) -> None:
+        """End the response (after a terminal event) and close, as the real upstream does."""
+        self.transport.write(_END_OF_BODY)
+        self.transport.close()
 
     def _answer(self, status: bytes) -> None:
         self.transport.write(b"HTTP/1.1 " + status + b"\r\ncontent-length: 0\r\nconnection: close\r\n\r\n")
@@ -284,12 +321,134 @@ class Publisher:
         self._progress()
 
 
+class _Paced:
+    """One evaluation the pacer publishes to: where its events go and how far it has got."""
+
+    __slots__ = ("count", "emit", "rate", "seq", "sink", "started")
+
+    def __init__(self, emit: Any, sink: NchanSink | None, seq: int, rate: float, started: float) -> None:
+        self.emit = emit
+        self.sink = sink
+        self.seq = seq  # the last sequence number published (history included)
+        self.rate = rate  # events per second (0: not paced, only ended on command)
+        self.count = 0  # events published since `started`
+        self.started = started
+
+    def due_at(self) -> float:
+        return self.started + (self.count + 1) / self.rate if self.rate > 0 else float("inf")
+
+
+class Pacer:
+    """Publishes to many evaluations at once, each at a steady rate, until each is ended (storm, soak).
+
+    `begin` gives an evaluation `history` events at once (so a run can start in steady state,
+    with every replay buffer already full) and then `rate` events per second, the first one
+    after `phase` of an interval (so many evaluations interleave instead of firing together);
+    `end` publishes the terminal `final` event (it carries the next sequence number, like any
+    other) and ends the evaluation's upstream streams; `halt` stops everything.
+    """
+
+    def __init__(self, streams: Streams) -> None:
+        self.streams = streams
+        self.paced: dict[str, _Paced] = {}
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+
+    async def begin(self, cmd: dict[str, Any]) -> dict[str, Any]:
+        stream = cmd["stream"]
+        if stream in self.paced:
+            raise ValueError(f"{stream} is already paced")
+        sink: NchanSink | None = None
+        if cmd.get("sink") == "nchan":
+            sink = await NchanSink.open(cmd["nchan_host"], int(cmd["nchan_port"]))
+            path = f"/pub/{stream}".encode()
+
+            def emit(batch: list[tuple[int, bytes, bytes]]) -> None:
+                assert sink is not None
+                sink.post(path, [payload for _, _, payload in batch])
+        else:
+            def emit(batch: list[tuple[int, bytes, bytes]]) -> None:
+                self.streams.publish(stream, [(seq, sse_frame(seq, payload, event)) for seq, event, payload in batch])
+        history = int(cmd.get("history", 0))
+        rate = float(cmd.get("rate", 0.0))
+        if history:
+            now = time.time_ns()
+            emit([(seq, EVENT_NAME, make_payload(seq, now)) for seq in range(1, history + 1)])
+        phase = float(cmd.get("phase", 0.0)) % 1.0
+        started = time.monotonic() - (1.0 - phase) / rate if rate > 0 else time.monotonic()
+        self.paced[stream] = _Paced(emit, sink, history, rate, started)
+        self._run()
+        return {"stream": stream, "seq": history}
+
+    def pace(self, stream: str, rate: float) -> dict[str, Any]:
+        """Change one evaluation's rate from now on (0: stop publishing to it)."""
+        paced = self.paced[stream]
+        paced.rate = rate
+        paced.count = 0
+        paced.started = time.monotonic()
+        self._wake.set()
+        return {"stream": stream, "seq": paced.seq}
+
+    async def end(self, stream: str) -> dict[str, Any]:
+        """The terminal event, then the end of the evaluation's upstream streams."""
+        paced = self.paced.pop(stream)
+        paced.seq += 1
+        payload = make_payload(paced.seq, time.time_ns())
+        if paced.sink is None:
+            self.streams.end(stream, (paced.seq, sse_frame(paced.seq, payload, FINAL_EVENT)))
+            asyncio.get_running_loop().call_later(ENDED_KEEP_S, self.streams.forget, stream)
+        else:
+            paced.emit([(paced.seq, FINAL_EVENT, payload)])
+            await self._close_sink(paced.sink)
+        return {"stream": stream, "seq": paced.seq}
+
+    async def halt(self) -> dict[str, Any]:
+        """Stop publishing everywhere; the last sequence number of every evaluation still paced."""
+        published = {stream: paced.seq for stream, paced in self.paced.items()}
+        paced_all = list(self.paced.values())
+        self.paced.clear()
+        for paced in paced_all:
+            if paced.sink is not None:
+                await self._close_sink(paced.sink)
+        return {"published": published}
+
+    @staticmethod
+    async def _close_sink(sink: NchanSink) -> None:
+        await asyncio.sleep(0.05)  # let the last POST be answered before closing
+        sink.transport.close()
+
+    def _run(self) -> None:
+        if self._task is None or self._task.done():
+            self._task = asyncio.get_running_loop().create_task(self._loop())
+        self._wake.set()
+
+    async def _loop(self) -> None:
+        while self.paced:
+            now = time.monotonic()
+            next_at = now + 1.0
+            sent_ns = time.time_ns()
+            for paced in list(self.paced.values()):
+                if paced.rate <= 0:
+                    continue
+                due = int((now - paced.started) * paced.rate)
+                if due > paced.count:
+                    first = paced.seq + 1
+                    paced.seq += due - paced.count
+                    paced.count = due
+                    paced.emit([(seq, EVENT_NAME, make_payload(seq, sent_ns)) for seq in range(first, paced.seq + 1)])
+                next_at = min(next_at, paced.due_at())
+            self._wake.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), max(0.0005, next_at - time.monotonic()))
+
+
 class Control(asyncio.Protocol):
     """Line protocol: `A <run> <worker> <seq>` progress reports, or one JSON command per line."""
 
-    def __init__(self, publisher: Publisher, streams: Streams) -> None:
+    def __init__(self, publisher: Publisher, streams: Streams, pacer: Pacer) -> None:
         self.publisher = publisher
         self.streams = streams
+        self.pacer = pacer
         self.buffer = b""
         self.transport: asyncio.Transport
 
@@ -318,6 +477,19 @@ class Control(asyncio.Protocol):
             elif name == "stats":
                 stream = cmd["stream"]
                 reply = {"opened": self.streams.opened[stream], "open": len(self.streams.open.get(stream, ()))}
+            elif name == "begin":
+                reply = await self.pacer.begin(cmd)
+            elif name == "pace":
+                reply = self.pacer.pace(cmd["stream"], float(cmd["rate"]))
+            elif name == "end":
+                reply = await self.pacer.end(cmd["stream"])
+            elif name == "halt":
+                reply = await self.pacer.halt()
+            elif name == "upstream":
+                # Every evaluation's upstream connection count (the gateway must open each once).
+                names = cmd.get("streams")
+                opened = {s: self.streams.opened[s] for s in names} if names else dict(self.streams.opened)
+                reply = {"open": self.streams.open_connections, "opened": opened}
             elif name == "ping":
                 reply = {"pong": True}
             else:
@@ -332,8 +504,9 @@ async def serve(host: str, port: int, control_port: int, api_key: str) -> None:
     loop = asyncio.get_running_loop()
     streams = Streams(api_key)
     publisher = Publisher(streams)
+    pacer = Pacer(streams)
     upstream = await loop.create_server(lambda: UpstreamConnection(streams), host, port, backlog=1024)
-    control = await loop.create_server(lambda: Control(publisher, streams), host, control_port)
+    control = await loop.create_server(lambda: Control(publisher, streams, pacer), host, control_port)
     print("READY", upstream.sockets[0].getsockname()[1], control.sockets[0].getsockname()[1], flush=True)
     await asyncio.Future()
 
