@@ -60,19 +60,39 @@ def cmd_serve(args: argparse.Namespace) -> int:
         _print_config_error(exc, args.config)
         return EXIT_CONFIG
 
+    import logging
+
     from gateway import server as srv
 
     async def main() -> None:
         servers = [srv.make_server(app, config.server.host, config.server.port,
                                    drain_timeout=config.server.drain_timeout,
-                                   ws_max_size=config.websocket.max_message_bytes)]
+                                   ws_max_size=srv.frame_limit(config.websocket.max_message_bytes))]
         metrics_app = getattr(app, "metrics_app", None)
         if metrics_app is not None and config.metrics.port is not None:
             servers.append(srv.make_server(metrics_app, config.metrics.host, config.metrics.port))
-        await srv.ServerGroup(servers, on_exit=app.begin_drain).serve()
+
+        def started() -> None:
+            ports = {"port": srv.bound_port(servers[0]),
+                     "metrics_port": srv.bound_port(servers[1]) if len(servers) > 1 else None}
+            logging.getLogger("gateway.cli").info("listening", extra=ports)
+            if args.port_file:
+                _write_port_file(args.port_file, ports)
+
+        await srv.ServerGroup(servers, on_exit=app.begin_drain).serve(started=started)
 
     srv.run(main)
     return 0
+
+
+def _write_port_file(path: str, ports: dict[str, int | None]) -> None:
+    """The ports actually bound (port 0 picks one), written atomically so a reader never sees half a file."""
+    import os
+
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as handle:
+        json.dump(ports, handle)
+    os.replace(tmp, path)
 
 
 def _build_app(config: GatewayConfig) -> Any:
@@ -95,8 +115,13 @@ def cmd_sim(args: argparse.Namespace) -> int:
     async def main() -> None:
         server = srv.make_server(app, args.host, args.port, drain_timeout=2)
         group = srv.ServerGroup([server])
-        await group.serve(started=lambda: print(
-            f"simulator listening on http://{args.host}:{srv.bound_port(server)}", flush=True))
+
+        def started() -> None:
+            print(f"simulator listening on http://{args.host}:{srv.bound_port(server)}", flush=True)
+            if args.port_file:
+                _write_port_file(args.port_file, {"port": srv.bound_port(server)})
+
+        await group.serve(started=started)
 
     srv.run(main)
     return 0
@@ -236,13 +261,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     serve = sub.add_parser("serve", help="run the gateway")
     serve.add_argument("--config", required=True, help="path to gateway.yaml")
-    serve.add_argument("--port", type=int, default=None, help="override server.port")
+    serve.add_argument("--port", type=int, default=None, help="override server.port (0: any free port)")
+    serve.add_argument("--port-file", default=None, metavar="PATH",
+                       help='once listening, write {"port": P, "metrics_port": M} (JSON) to PATH')
     serve.set_defaults(func=cmd_serve)
 
     sim = sub.add_parser("sim", help="run the bundled Stratix upstream simulator")
     from gateway.sim import add_sim_arguments
 
     add_sim_arguments(sim)
+    sim.add_argument("--port-file", default=None, metavar="PATH", help='once listening, write {"port": P} to PATH')
     sim.set_defaults(func=cmd_sim)
 
     demo = sub.add_parser("demo", help="run the simulator and the gateway together on loopback")

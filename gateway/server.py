@@ -34,11 +34,25 @@ class ManagedServer(uvicorn.Server):
         yield
 
 
+def frame_limit(max_message_bytes: int) -> int:
+    """The server's own WebSocket message limit for a gateway whose messages may be `max_message_bytes`.
+
+    Above the gateway's limit, so an oversized message still reaches the gateway, which counts
+    it and closes with 1009 itself; bounded, so a huge one is refused before it is buffered.
+    """
+    return max(4 * max_message_bytes, 1 << 16)
+
+
 def make_server(app: Any, host: str, port: int, *, drain_timeout: float = 10.0, log_level: str = "warning",
-                ws_max_size: int = 1 << 16) -> ManagedServer:
-    """A uvicorn server tuned for long-lived streams (no access log: URLs may carry tokens)."""
+                ws_max_size: int = 1 << 16, direct: bool = True) -> ManagedServer:
+    """A uvicorn server tuned for long-lived streams (no access log: URLs may carry tokens).
+
+    `direct=False` runs uvicorn's stock protocols (streams then write through ASGI `send`,
+    without the `gateway.direct` extension): the same settings otherwise.
+    """
     config = uvicorn.Config(
-        app, host=host, port=port, http=DirectHttpProtocol, ws=DirectWebSocketProtocol, lifespan="on",
+        app, host=host, port=port, http=DirectHttpProtocol if direct else "httptools",
+        ws=DirectWebSocketProtocol if direct else "websockets-sansio", lifespan="on",
         access_log=False,
         log_config=None, log_level=log_level, timeout_graceful_shutdown=int(drain_timeout) + 1,
         ws_max_size=ws_max_size, ws_ping_interval=20.0, ws_ping_timeout=20.0, timeout_keep_alive=30,

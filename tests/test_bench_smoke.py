@@ -15,7 +15,6 @@ from pathlib import Path
 
 import pytest
 
-from bench import systems
 from bench.run import SMOKE, run_bench
 
 pytestmark = pytest.mark.slow
@@ -41,7 +40,7 @@ def test_gateway_fanout_smoke() -> None:
 
 
 @pytest.mark.timeout(60)
-@pytest.mark.skipif(systems.nchan_module() is None, reason="nginx-light + libnginx-mod-nchan not installed")
+@pytest.mark.requires("nchan")
 def test_nchan_fanout_smoke() -> None:
     document = run_bench(replace(SMOKE, systems=["nchan"], deliveries=2000), write=False)
     run = _only_run(document)

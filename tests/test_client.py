@@ -36,7 +36,7 @@ from gateway_client.errors import GatewayResponseError, error_from_response
 from gateway_client.events import CloseNotice, Cursor, decode
 from tests.conftest import SECRET, Gateway, Sim, gateway_config
 from tests.proxy import tcp_proxy
-from tests.servers import free_port, serve, server_protocols, wait_for
+from tests.servers import reserved_socket, serve_gateway, wait_for
 
 pytestmark = pytest.mark.timeout(20)
 
@@ -206,7 +206,7 @@ def _listening_socket(port: int = 0) -> socket.socket:
 async def _gateway_on(sock: socket.socket, sim_url: str) -> AsyncIterator[Gateway]:
     config = gateway_config(sim_url)
     app = create_app(config, registry=CollectorRegistry())
-    async with serve(app, sock=sock, timeout_graceful_shutdown=2, **server_protocols(True)) as url:
+    async with serve_gateway(app, config, sock) as url:
         yield Gateway(url, app, config)
 
 
@@ -348,10 +348,12 @@ async def test_refused_connections_back_off_then_give_up() -> None:
         return 0.5
 
     policy = Backoff(base=0.01, cap=0.04, max_attempts=3, rand=rand)
-    async with GatewayClient(f"http://127.0.0.1:{free_port()}", token="t", backoff=policy) as client:
-        stream = client.evaluations.stream("e-nowhere")
-        with pytest.raises(RetriesExhausted) as exhausted:
-            await anext(stream)
+    with reserved_socket() as refusing:  # bound, never listening: every connection is refused
+        url = f"http://127.0.0.1:{refusing.getsockname()[1]}"
+        async with GatewayClient(url, token="t", backoff=policy) as client:
+            stream = client.evaluations.stream("e-nowhere")
+            with pytest.raises(RetriesExhausted) as exhausted:
+                await anext(stream)
     assert exhausted.value.attempts == 3 and stream.reconnects == 3 and len(draws) == 3
     assert isinstance(exhausted.value.__cause__, httpx.ConnectError)
 

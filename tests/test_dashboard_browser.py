@@ -23,13 +23,7 @@ ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts"
 LAUNCH_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
                "--disable-component-update", "--disable-sync"]
 
-pytestmark = [
-    pytest.mark.slow,
-    pytest.mark.skipif(not CHROMIUM.exists(), reason="needs Debian's Chromium at /usr/bin/chromium "
-                                                     "(apt-get install -y chromium)"),
-    pytest.mark.skipif(importlib.util.find_spec("playwright") is None,
-                       reason="needs the playwright Python package (pip install playwright)"),
-]
+pytestmark = [pytest.mark.slow, pytest.mark.requires("chromium")]
 
 if importlib.util.find_spec("playwright") is not None:
     from playwright.async_api import Browser, Page, async_playwright, expect

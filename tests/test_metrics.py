@@ -13,7 +13,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from gateway import __version__
 from tests.conftest import API_KEY, SECRET, Gateway, Received, Sim, read_sse, terminal
-from tests.servers import free_port, serve, subprocess_server, wait_for
+from tests.servers import serve, subprocess_server, wait_for
 
 Series = dict[tuple[str, frozenset[tuple[str, str]]], float]
 
@@ -142,6 +142,7 @@ async def test_auth_failures_and_limit_rejections_by_reason(sim: Sim, gateway_fa
     async with httpx.AsyncClient() as client:
         assert (await client.get(url, headers=gateway.headers("dave"))).status_code == 409
     task.cancel()
+    await asyncio.gather(task, return_exceptions=True)
     series = await scrape(f"{gateway.url}/metrics")
     assert value(series, "gateway_auth_failures_total", reason="missing_token") == 1
     assert value(series, "gateway_auth_failures_total", reason="expired") == 1
@@ -229,30 +230,23 @@ async def test_metrics_disabled(sim: Sim, gateway_factory: Any) -> None:
 
 
 async def test_gateway_serve_runs_the_metrics_port(sim: Sim, tmp_path: Path) -> None:
-    port, metrics_port = free_port(), free_port()
     config = {
-        "server": {"host": "127.0.0.1", "port": port},
+        "server": {"host": "127.0.0.1", "port": 0},
         "upstream": {"base_url": sim.url, "api_key": "${STRATIX_API_KEY}"},
         "auth": {"jwt": {"algorithms": ["HS256"], "secret": "${GATEWAY_JWT_SECRET}"}},
-        "metrics": {"port": metrics_port},
+        "metrics": {"port": 0},
     }
     path = tmp_path / "gateway.yaml"
     path.write_text(yaml.safe_dump(config))
     env = {"STRATIX_API_KEY": API_KEY, "GATEWAY_JWT_SECRET": SECRET}
-    with subprocess_server(["serve", "--config", str(path)], port, env=env):
-        await wait_for(lambda: _accepts(metrics_port), message="metrics port open")
+    with subprocess_server(["serve", "--config", str(path)], env=env) as (_, ports):
+        port, metrics_port = ports["port"], ports["metrics_port"]
+        assert metrics_port not in (None, port)
         async with httpx.AsyncClient() as client:
             assert (await client.get(f"http://127.0.0.1:{port}/metrics")).status_code == 404
             assert (await client.get(f"http://127.0.0.1:{port}/healthz")).status_code == 200
         series = await scrape(f"http://127.0.0.1:{metrics_port}/metrics")
         assert value(series, "gateway_build_info", version=__version__) == 1
-
-
-def _accepts(port: int) -> bool:
-    import socket
-
-    with socket.socket() as sock:
-        return sock.connect_ex(("127.0.0.1", port)) == 0
 
 
 async def test_deferred_count_reports_one_iterations_increments_at_once() -> None:

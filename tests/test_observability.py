@@ -20,7 +20,7 @@ import yaml
 from gateway.auth.tokens import mint_token
 from gateway.sim import SimSettings, create_sim_app
 from tests.conftest import API_KEY, SECRET, Gateway, Received, Sim, read_sse, terminal
-from tests.servers import free_port, serve, wait_for
+from tests.servers import reserved_socket, serve, wait_for
 
 
 async def get_json(url: str, headers: dict[str, str] | None = None) -> tuple[int, dict[str, Any]]:
@@ -55,7 +55,8 @@ async def test_readyz_uses_the_evidence_of_running_streams(sim: Sim, gateway: Ga
 
 
 async def test_readyz_fails_while_the_upstream_is_unreachable_and_recovers(gateway_factory: Any) -> None:
-    port = free_port()
+    reserved = reserved_socket()  # bound, not listening: the upstream refuses connections until it serves on it
+    port = reserved.getsockname()[1]
     gateway: Gateway = await gateway_factory(sim_url=f"http://127.0.0.1:{port}")
     gateway.app.health.probe_interval = 0.05
     status, body = await get_json(f"{gateway.url}/readyz")
@@ -63,7 +64,7 @@ async def test_readyz_fails_while_the_upstream_is_unreachable_and_recovers(gatew
     assert body["status"] == "upstream_unreachable" and body["ready"] is False
     assert body["upstream"]["reachable"] is False and body["upstream"]["last_error"] == "error"
     assert (await get_json(f"{gateway.url}/healthz"))[0] == 200  # alive, just not ready
-    async with serve(create_sim_app(SimSettings(api_key=API_KEY)), port=port, timeout_graceful_shutdown=1):
+    async with serve(create_sim_app(SimSettings(api_key=API_KEY)), reserved, timeout_graceful_shutdown=1):
         async def ready() -> bool:
             return (await get_json(f"{gateway.url}/readyz"))[0] == 200
 
@@ -100,25 +101,23 @@ async def test_every_response_carries_its_own_request_id(sim: Sim, gateway: Gate
 
 
 @contextlib.contextmanager
-def gateway_process(config: Path, port: int, log_path: Path) -> Iterator[subprocess.Popen[bytes]]:
-    """`gateway serve` as a child process, its whole output (stdout and stderr) going to `log_path`."""
-    import socket
+def gateway_process(config: Path, log_path: Path) -> Iterator[tuple[subprocess.Popen[bytes], int]]:
+    """`gateway serve` on port 0 as a child process, its whole output going to `log_path`; yields it and its port."""
     import time
 
+    port_file = log_path.with_suffix(".ports")
     with log_path.open("wb") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "gateway", "serve", "--config", str(config)],
+        proc = subprocess.Popen([sys.executable, "-m", "gateway", "serve", "--config", str(config),
+                                 "--port-file", str(port_file)],
                                 env={**os.environ, "OBS_API_KEY": API_KEY, "OBS_JWT_SECRET": SECRET},
                                 stdout=out, stderr=subprocess.STDOUT)
         try:
             deadline = time.monotonic() + 15
-            while True:
+            while not port_file.exists():
                 assert proc.poll() is None, log_path.read_text()
-                with socket.socket() as sock:
-                    if sock.connect_ex(("127.0.0.1", port)) == 0:
-                        break
                 assert time.monotonic() < deadline, "gateway did not start"
                 time.sleep(0.02)
-            yield proc
+            yield proc, json.loads(port_file.read_text())["port"]
         finally:
             if proc.poll() is None:
                 proc.send_signal(signal.SIGTERM)
@@ -131,10 +130,9 @@ def gateway_process(config: Path, port: int, log_path: Path) -> Iterator[subproc
 
 @pytest.mark.slow
 async def test_logs_are_json_with_request_ids_and_never_hold_a_secret(sim: Sim, tmp_path: Path) -> None:
-    port = free_port()
     config = tmp_path / "gateway.yaml"
     config.write_text(yaml.safe_dump({
-        "server": {"host": "127.0.0.1", "port": port, "drain_timeout": 2},
+        "server": {"host": "127.0.0.1", "port": 0, "drain_timeout": 2},
         "upstream": {"base_url": sim.url, "api_key": "${OBS_API_KEY}", "backoff_initial": 0.05,
                      "backoff_max": 0.2},
         "auth": {"jwt": {"algorithms": ["HS256"], "secret": "${OBS_JWT_SECRET}"}, "query_param": "access_token"},
@@ -145,10 +143,10 @@ async def test_logs_are_json_with_request_ids_and_never_hold_a_secret(sim: Sim, 
     tokens = {name: mint_token(SECRET, "HS256", name, 300, {"streams": ["*/*"]})
               for name in ("bearer", "cookie", "query", "poller")}
     bad = mint_token("w" * 48, "HS256", "mallory", 300, {"streams": ["*/*"]})
-    base = f"http://127.0.0.1:{port}"
     log_path = tmp_path / "gateway.log"
     await sim.post("/_sim/configure", {"resource": "evaluations/o-logs", "rows": 40, "interval": 0.02})
-    with gateway_process(config, port, log_path) as proc:
+    with gateway_process(config, log_path) as (proc, port):
+        base = f"http://127.0.0.1:{port}"
         url = f"{base}/api/v1/evaluations/o-logs/stream"
         clients = {
             "bearer": read_sse(url, {"Authorization": f"Bearer {tokens['bearer']}"}, until=terminal),

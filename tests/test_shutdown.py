@@ -12,7 +12,7 @@ import pytest
 import yaml
 
 from tests.conftest import API_KEY, SECRET, Received, Sim, read_sse
-from tests.servers import free_port, subprocess_server, wait_for
+from tests.servers import subprocess_server, wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -33,9 +33,9 @@ async def test_sigterm_ends_streams_with_reconnect_code_and_exits(sim: Sim, tmp_
     from gateway.auth.tokens import mint_token
 
     await sim.post("/_sim/configure", {"resource": "evaluations/e-term", "rows": 500, "interval": 0.05})
-    port = free_port()
-    config = write_config(tmp_path, sim.url, port)
-    with subprocess_server(["serve", "--config", str(config)], port, env={"TEST_STRATIX_KEY": API_KEY}) as proc:
+    config = write_config(tmp_path, sim.url, 0)
+    with subprocess_server(["serve", "--config", str(config)], env={"TEST_STRATIX_KEY": API_KEY}) as (proc, ports):
+        port = ports["port"]
         url = f"http://127.0.0.1:{port}/api/v1/evaluations/e-term/stream"
         clients = [Received() for _ in range(5)]
         tasks = [asyncio.create_task(read_sse(url, {"Authorization": "Bearer " + mint_token(

@@ -97,6 +97,7 @@ async def test_direct_output_ends_a_stream_with_the_last_chunk(sim: Sim, gateway
     assert b"event: final\n" in body.rsplit(b"\n\n", 2)[-2]
 
 
+@pytest.mark.both_loops
 async def test_a_client_that_stops_reading_is_cut_off_without_slowing_others(sim: Sim, direct: bool) -> None:
     stream = "evaluations/e-stuck"
     await sim.post("/_sim/configure", {"resource": stream, "rows": 1500, "interval": 0})

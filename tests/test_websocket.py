@@ -91,13 +91,16 @@ async def test_oversized_message_closes_with_1009(gateway_factory: Callable[...,
 
 
 async def test_rate_limit_answers_errors_then_closes_persistent_abuse(gateway_factory: Callable[..., Any]) -> None:
-    gateway: Gateway = await gateway_factory(websocket={"messages_per_second": 1, "message_burst": 3})
+    # A rate so low that no token comes back while the test runs, however loaded the machine: the burst is
+    # exactly what is answered. Refused messages are answered until their own tolerance (~burst per 10 s) runs out.
+    gateway: Gateway = await gateway_factory(websocket={"messages_per_second": 0.001, "message_burst": 3})
     async with ws_client(gateway) as client:
         for _ in range(12):
             await client.send(type="ping")
         assert await client.until_closed() == 4103
     assert len(client.of_type("pong")) == 3
-    assert client.errors() == ["rate_limited"] * 3
+    errors = client.errors()
+    assert len(errors) >= 3 and set(errors) == {"rate_limited"}
     assert client.ws.close_reason == "policy_violation"
 
 
@@ -277,6 +280,7 @@ async def test_drain_closes_every_socket_with_4000(sim: Sim, gateway: Gateway) -
     assert refused.value.response.status_code == 503
 
 
+@pytest.mark.both_loops
 @pytest.mark.parametrize("direct", [True, False], ids=["direct", "send"])
 async def test_slow_client_is_closed_with_4001_without_slowing_a_fast_one(sim: Sim, direct: bool) -> None:
     stream = "optimizations/j-ws-slow"
@@ -298,6 +302,7 @@ async def test_slow_client_is_closed_with_4001_without_slowing_a_fast_one(sim: S
     assert metric(gateway, "gateway_closes_total", code="slow_consumer") == 1
 
 
+@pytest.mark.both_loops
 async def test_client_that_never_reads_its_replies_is_closed_as_slow(sim: Sim) -> None:
     """Replies have no hub subscription behind them: their queue is bounded and their sends have a deadline."""
     overrides: dict[str, Any] = {"limits": {"send_timeout": 0.3},

@@ -24,7 +24,7 @@ from websockets.uri import parse_uri
 
 from gateway.app import create_app
 from tests.conftest import Gateway, gateway_config
-from tests.servers import serve, server_protocols, wait_for
+from tests.servers import serve_gateway, wait_for
 
 Message = dict[str, Any]
 
@@ -196,7 +196,7 @@ async def gateway_with_small_send_buffers(sim_url: str, send_buffer: int = 8192,
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, send_buffer)
     sock.bind(("127.0.0.1", 0))
     try:
-        async with serve(app, sock, timeout_graceful_shutdown=2, **server_protocols(direct)) as url:
+        async with serve_gateway(app, config, sock, direct=direct) as url:
             yield Gateway(url, app, config)
     finally:
         sock.close()
