@@ -54,6 +54,9 @@ def make_server(app: Any, host: str, port: int, *, drain_timeout: float = 10.0, 
         app, host=host, port=port, http=DirectHttpProtocol if direct else "httptools",
         ws=DirectWebSocketProtocol if direct else "websockets-sansio", lifespan="on",
         access_log=False,
+        # Forwarded headers are the gateway's to judge (`server.trusted_proxies`): uvicorn's own handling
+        # would trust 127.0.0.1 by default and rewrite the client address before the gateway sees it.
+        proxy_headers=False,
         log_config=None, log_level=log_level, timeout_graceful_shutdown=int(drain_timeout) + 1,
         ws_max_size=ws_max_size, ws_ping_interval=20.0, ws_ping_timeout=20.0, timeout_keep_alive=30,
         backlog=4096,

@@ -127,3 +127,39 @@ async def test_the_retry_hint_raises_the_next_delay() -> None:
     finally:
         await client.aclose()
     assert feed.retry_hint == 0.001 and [e.id for e in topic.events] == ["1", "2"]
+
+
+async def test_retries_honour_retry_after_the_retry_hint_and_read_timeouts() -> None:
+    """408/425/429/5xx are retried no sooner than `Retry-After`; a clean end no sooner than `retry:`."""
+
+    async def times_out() -> AsyncIterator[bytes]:
+        yield event(1)
+        raise httpx.ReadTimeout("the upstream went quiet")
+
+    upstream = Upstream(
+        httpx.Response(408), httpx.Response(425), httpx.Response(429, headers={"retry-after": "3"}),
+        httpx.Response(503, headers={"retry-after": "2"}),
+        httpx.Response(200, content=times_out(), headers={"content-type": "text/event-stream"}),
+        stream(b"retry: 4000\n\n", event(2)),  # then a clean end without a terminal event
+        stream(event(3, "final")))
+    delays: list[float] = []
+
+    async def sleep(delay: float) -> None:
+        delays.append(delay)
+
+    metrics = Metrics()
+    topic = Topic(KEY, capacity=100)
+    client = httpx.AsyncClient(transport=httpx.MockTransport(upstream))
+    config = UpstreamConfig(base_url="http://upstream.test", api_key="k" * 24, backoff_initial=0.001, backoff_max=10)
+    try:
+        await SSEFeed(topic, client, config, metrics, clock=lambda: 0.0, sleep=sleep).run()
+    finally:
+        await client.aclose()
+    assert [e.id for e in topic.events] == ["1", "2", "3"]
+    assert len(delays) == 6
+    assert delays[2] >= 3 and delays[3] >= 2 and delays[5] >= 4.0  # Retry-After, Retry-After, retry:
+    assert max(delays[0], delays[1], delays[4]) < 1  # no hint: the (tiny) backoff
+    connects = {reason: metrics.registry.get_sample_value(
+        "gateway_upstream_connects_total", {"kind": "evaluations", "reason": reason})
+        for reason in ("initial", "http_408", "http_425", "http_429", "http_5xx", "timeout", "eof")}
+    assert connects == dict.fromkeys(connects, 1.0)

@@ -315,20 +315,27 @@ class OptimizationMux:
                                                                    self.config.backoff_max))
             delay = backoff.next()
             self._retry_at[job_id] = self.clock() + delay
-            self._later(delay)
+            self._later(job_id, delay)
             log.info("upstream job subscription refused; retrying", extra={
                 "stream_kind": KIND, "code": code, "delay": round(delay, 3)})
             return
         log.warning("upstream ended a job stream", extra={"stream_kind": KIND, "code": code})
         topic.end(UPSTREAM_FAILED, f"upstream answered {code}")
 
-    def _later(self, delay: float) -> None:
+    def _later(self, job_id: str, delay: float) -> None:
+        """Retry `job_id`'s subscription after `delay`.
+
+        The timer itself says the retry is due: the loop's clock is not `self.clock` (uvloop's is
+        libuv's, in milliseconds), so a timer may fire a hair before `_retry_at` by our clock, and
+        a reconcile that compared the two would skip the job and then wait forever.
+        """
         loop = asyncio.get_running_loop()
         timer: asyncio.TimerHandle | None = None
 
         def fire() -> None:
             if timer is not None:
                 self._timers.discard(timer)
+            self._retry_at.pop(job_id, None)
             self._changed.set()
 
         timer = loop.call_later(delay, fire)

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 import httpx
 
@@ -47,8 +47,11 @@ class SSEFeed:
 
     def __init__(self, topic: FeedTarget, client: httpx.AsyncClient, config: UpstreamConfig, metrics: Metrics,
                  clock: Callable[[], float], backoff: Backoff | None = None,
-                 health: UpstreamHealth | None = None) -> None:
+                 health: UpstreamHealth | None = None,
+                 sleep: Callable[[float], Awaitable[None]] = asyncio.sleep) -> None:
         self.topic = topic
+        #: How a reconnect delay is waited out (injected by tests to see the delays chosen).
+        self.sleep = sleep
         self.client = client
         self.config = config
         self.metrics = metrics
@@ -91,7 +94,7 @@ class SSEFeed:
             log.info("upstream reconnect scheduled", extra={
                 "stream_kind": topic.kind, "reason": reason, "delay": round(delay, 3),
                 "attempt": self.backoff.attempt})
-            await asyncio.sleep(delay)
+            await self.sleep(delay)
 
     async def _connect_once(self) -> int:
         headers = {b"accept": b"text/event-stream", b"x-api-key": (self.config.api_key or "").encode(),
