@@ -24,6 +24,7 @@ from starlette.routing import Route
 
 from gateway.auth.admission import Admission
 from gateway.auth.authz import Authorizer
+from gateway.auth.recheck import Rechecker
 from gateway.auth.tokens import Authenticator
 from gateway.broker.memory import MemoryBroker
 from gateway.broker.redis.broker import RedisBroker
@@ -91,6 +92,8 @@ class GatewayApp:
         self.admission = Admission(config.server, self.authenticator, self.authorizer, self.metrics, hub=self.hub,
                                    limiter=self.limiter, quota=self.quota, exclusive=self.exclusive)
         self.expiries = Expiries()
+        self.rechecker = (Rechecker(self.admission, config.auth.recheck_interval)
+                          if config.auth.authorize_url else None)
         self.poller = Poller(self.http, config.upstream, config.limits.poll_cache_ttl, self.metrics,
                              health=self.health, cache=RedisPollCache(self.redis) if self.redis else None)
         self.listings = Listings(self.admission, self.authorizer, self.poller)
@@ -145,6 +148,8 @@ class GatewayApp:
         del app
         loop = asyncio.get_running_loop()
         self._background.append(loop.create_task(self.hub.run_ticker()))
+        if self.rechecker is not None:
+            self._background.append(loop.create_task(self.rechecker.run()))
         if self.redis is not None and self.cluster_exclusive is not None:
             self._background.append(loop.create_task(self.redis.watch_health()))
             self._background.append(loop.create_task(self.cluster_exclusive.run()))

@@ -160,6 +160,8 @@ class AuthConfig(_Section):
     authorize_concurrency: int = Field(16, ge=1)
     #: Seconds a failed webhook call (timeout, 5xx, bad JSON) is remembered as a denial.
     authorize_failure_ttl: float = Field(5.0, ge=0)
+    #: Seconds between two re-checks of the webhook's decisions for open streams (revocation).
+    recheck_interval: PositiveSeconds = 300.0
 
 
 class LimitsConfig(_Section):

@@ -73,11 +73,13 @@ class ConnectionHold:
 class StreamHold:
     """One admitted stream: its hub subscription and, once claimed, its per-user slot and one-stream claim."""
 
-    __slots__ = ("_admission", "claimed", "consumer", "released", "resource", "sub")
+    __slots__ = ("_admission", "admitted", "claimed", "consumer", "released", "resource", "sub")
 
-    def __init__(self, admission: Admission, consumer: str, resource: str, sub: Subscription) -> None:
+    def __init__(self, admission: Admission, admitted: Admitted, resource: str, sub: Subscription) -> None:
         self._admission = admission
-        self.consumer = consumer
+        #: Whose stream this is (its principal changes when a WebSocket refreshes its token).
+        self.admitted = admitted
+        self.consumer = admitted.consumer
         self.resource = resource
         self.sub = sub
         self.claimed = False
@@ -104,6 +106,8 @@ class StreamHold:
                 admission.refused(exc)
             self.release()
             raise
+        if not self.released:
+            admission.holds.add(self)
 
     def release(self) -> None:
         if self.released:
@@ -111,6 +115,7 @@ class StreamHold:
         self.released = True
         admission = self._admission
         if self.claimed:
+            admission.holds.discard(self)
             admission.exclusive.leave(self.consumer, self.resource, self.sub)
             admission.quota.release(self.consumer, self.resource)
         admission.hub.unsubscribe(self.sub)
@@ -132,6 +137,8 @@ class Admission:
         self.exclusive = exclusive
         self.addresses = ClientAddress(server.trusted_proxies)
         self._allowed = frozenset(server.allowed_origins)
+        #: Every claimed stream, for the periodic re-check of webhook decisions (`auth.recheck`).
+        self.holds: set[StreamHold] = set()
 
     def origin_allowed(self, origin: str | None, scope: Scope, headers: Mapping[str, str]) -> bool:
         if origin is None:
@@ -203,7 +210,23 @@ class Admission:
         except LimitError as exc:
             self.refused(exc)
             raise
-        return StreamHold(self, consumer, resource, sub)
+        return StreamHold(self, admitted, resource, sub)
+
+    async def refresh(self, admitted: Admitted, token: str) -> Principal:
+        """A fresh token for an open connection: valid and for the same consumer, or AuthError (counted).
+
+        On success `admitted` carries the new principal (its expiry and its grants).
+        """
+        try:
+            principal = await self.authenticator.authenticate(token)
+            if principal.consumer != admitted.consumer:
+                raise AuthError("the token is for another user", status=403, code="refresh_refused",
+                                reason="refresh_other_consumer")
+        except AuthError as exc:
+            self.metrics.auth_failures.labels(exc.reason).inc()
+            raise
+        admitted.principal = principal
+        return principal
 
     def _token(self, scope: Scope, headers: Mapping[str, str], websocket: bool) -> tuple[str, bool]:
         if websocket and "authorization" not in headers:

@@ -102,6 +102,10 @@ class Authorizer:
             raise AuthError(f"not allowed to open {resource}", status=403, code="forbidden",
                             reason="forbidden" if allowed is False else "webhook_failed")
 
+    async def recheck(self, principal: Principal, resource: str) -> bool | None:
+        """Ask the webhook again, past the cache (for streams already open); None when it cannot answer."""
+        return await self._decide(principal, resource)
+
     async def _decide(self, principal: Principal, resource: str) -> bool | None:
         """One webhook answer per (consumer, resource) at a time, cached either way."""
         pair = (principal.consumer, resource)

@@ -41,6 +41,9 @@ INACTIVITY_TIMEOUT = CloseReason(
 )
 UPSTREAM_FAILED = CloseReason("upstream_failed", 4102, False, "upstream refused the stream")
 POLICY_VIOLATION = CloseReason("policy_violation", 4103, False, "too many invalid or excessive client messages")
+ACCESS_REVOKED = CloseReason("access_revoked", 4104, False, "access to this stream was revoked")
+TERMINATED = CloseReason("terminated", 4105, False, "an operator ended this stream")
+FORBIDDEN = CloseReason("forbidden", 4403, False, "the refreshed token does not grant this stream")
 UNAUTHORIZED = CloseReason("unauthorized", 4401, False, "authentication failed")
 
 CATALOGUE: tuple[CloseReason, ...] = (
@@ -52,5 +55,8 @@ CATALOGUE: tuple[CloseReason, ...] = (
     INACTIVITY_TIMEOUT,
     UPSTREAM_FAILED,
     POLICY_VIOLATION,
+    ACCESS_REVOKED,
+    TERMINATED,
+    FORBIDDEN,
     UNAUTHORIZED,
 )

@@ -9,7 +9,7 @@ encoded once for every subscriber (see `codec.events`).
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from gateway.codec.streams import JOB_KIND, StreamNameError, is_event_id, parse_stream_name
@@ -44,7 +44,14 @@ class Ping:
     pass
 
 
-Command = Subscribe | Unsubscribe | Ping
+@dataclass(frozen=True, slots=True)
+class Refresh:
+    """A fresh session token for the open socket (its expiry moves to the new token's)."""
+
+    token: str = field(repr=False)
+
+
+Command = Subscribe | Unsubscribe | Ping | Refresh
 
 
 def parse_message(raw: str | bytes) -> Command:
@@ -63,8 +70,13 @@ def parse_message(raw: str | bytes) -> Command:
     kind = message["type"]
     if kind == "ping":
         return Ping()
+    if kind == "refresh":
+        token = message.get("token")
+        if not isinstance(token, str) or not token:
+            raise ProtocolError("invalid_message", "refresh needs 'token' (a JWT)")
+        return Refresh(token)
     if kind not in ("subscribe", "unsubscribe"):
-        raise ProtocolError("unknown_type", "unknown message type; expected subscribe, unsubscribe or ping")
+        raise ProtocolError("unknown_type", "unknown message type; expected subscribe, unsubscribe, refresh or ping")
     stream = _stream(message, kind)
     if kind == "unsubscribe":
         return Unsubscribe(stream)
@@ -135,6 +147,10 @@ def unsubscribed(stream: str) -> str:
 
 def pong() -> str:
     return '{"type":"pong"}'
+
+
+def refreshed(exp: float) -> str:
+    return _dumps({"type": "refreshed", "exp": int(exp)})
 
 
 def error(code: str, message: str, stream: str | None = None, **details: object) -> str:

@@ -54,6 +54,8 @@ class Topic:
         self.ordinal = 0
         #: Approximate memory of the retained log (each event's SSE frame and data).
         self.bytes = 0
+        #: The stream's first events were never here (see `starts_after_origin`).
+        self.origin_missing = False
         self.paused = False
         self.linger_handle: asyncio.TimerHandle | None = None
         self.on_ended: Callable[[Topic], None] = lambda topic: None
@@ -65,7 +67,11 @@ class Topic:
     @property
     def from_origin(self) -> bool:
         """Whether the log still holds the stream's very first event."""
-        return self.base == 0
+        return self.base == 0 and not self.origin_missing
+
+    def starts_after_origin(self) -> None:
+        """The first event this topic got is not its stream's first (it joined a shared log already trimmed)."""
+        self.origin_missing = True
 
     def has_id(self, event_id: str) -> bool:
         return event_id in self._ids
@@ -232,6 +238,7 @@ class Topic:
         self.base, self.head, self._passed = previous.base, previous.head, previous.head
         self.ordinal = previous.ordinal
         self.bytes = previous.bytes
+        self.origin_missing = previous.origin_missing
 
     def _trim(self) -> None:
         drop = len(self.events) - self.capacity
@@ -260,6 +267,9 @@ class Topic:
     def position(self, after_id: str | None) -> tuple[int, str | None, bool]:
         """Where a subscriber resuming after `after_id` starts: (cursor, continuity_lost, pending)."""
         if after_id is None:
+            if self.events and not self.from_origin:
+                # A late joiner is told that what follows is not the stream's beginning: no silent gap.
+                return self.base, "truncated", False
             return self.base, None, False
         if not is_event_id(after_id):
             return self.base, "unknown", False  # malformed: it can never come by, so nobody waits for it

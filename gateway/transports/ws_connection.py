@@ -16,9 +16,16 @@ from typing import TYPE_CHECKING
 
 from gateway.auth.admission import Admitted, StreamHold
 from gateway.codec import ws_messages as proto
-from gateway.codec.closes import POLICY_VIOLATION, SHUTTING_DOWN, SLOW_CONSUMER, TOKEN_EXPIRED, CloseReason
+from gateway.codec.closes import (
+    FORBIDDEN,
+    POLICY_VIOLATION,
+    SHUTTING_DOWN,
+    SLOW_CONSUMER,
+    TOKEN_EXPIRED,
+    CloseReason,
+)
 from gateway.codec.streams import id_value
-from gateway.errors import GatewayError
+from gateway.errors import AuthError, GatewayError
 from gateway.hub.subscription import Subscription
 from gateway.limits.ratelimit import TokenBucket
 from gateway.transports.direct import FrameOutput
@@ -252,11 +259,34 @@ class WSConnection(FrameWriter):
             outcomes.labels("accepted").inc()
             if isinstance(command, proto.Ping):
                 self._reply(proto.pong())
+            elif isinstance(command, proto.Refresh):
+                await self._refresh(command)
             elif isinstance(command, proto.Unsubscribe):
                 self._remove(command.stream)
                 self._reply(proto.unsubscribed(command.stream))
             else:
                 await self._subscribe(command)
+
+    async def _refresh(self, command: proto.Refresh) -> None:
+        """A fresh token on the open socket: its expiry moves; streams it no longer grants end as `forbidden`.
+
+        A token that is invalid or for another user changes nothing (`refresh_refused`). A webhook
+        that cannot be asked keeps the streams it granted (only an answer ends one).
+        """
+        admission = self.owner.admission
+        try:
+            principal = await admission.refresh(self.admitted, command.token)
+        except AuthError as exc:
+            self._reply(proto.error("refresh_refused", exc.message))
+            return
+        self.expiry.move(principal.valid_until)
+        self._reply(proto.refreshed(principal.expires_at))
+        for stream, watch in list(self.subs.items()):
+            try:
+                await admission.authorize(self.admitted, stream)
+            except AuthError as exc:
+                if exc.reason != "webhook_failed" and self.subs.get(stream) is watch:
+                    watch.sub.close(FORBIDDEN)
 
     def _strike(self, reply: str) -> None:
         """Answer a refused message; past the tolerance the socket is closed for abuse."""

@@ -125,6 +125,8 @@ class StreamSession:
 
     def _deliver(self, ordinal: int, event: Event) -> None:
         """Publish the event at `ordinal` into the local topic: each position once, in order."""
+        if not self.ordinal and ordinal > 1 and not self.topic.events:
+            self.topic.starts_after_origin()  # the shared log was trimmed before this replica joined
         if self.ordinal and ordinal > self.ordinal + 1:
             if self.sink is not None:
                 # A holder's tailer that fell behind the trimmed stream still has the events itself.
