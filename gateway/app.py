@@ -76,6 +76,8 @@ class GatewayApp:
         self.shared: RedisBroker | None = None
         if broker is None and config.broker.kind == "redis":
             self.redis = RedisClient(config.broker, self.metrics, clock)
+            redis = self.redis
+            self.metrics.watch_broker(lambda: (redis.healthy, redis.down_for()))
             broker = self.shared = RedisBroker(config.broker, config.limits, self.pool, self.metrics, self.redis,
                                                clock)
         self.broker: Broker = broker or MemoryBroker(self.pool)
@@ -84,7 +86,8 @@ class GatewayApp:
         self.authorizer = Authorizer(
             config.auth, self.http,
             cache=RedisDecisionCache(self.redis, config.auth.authorize_cache_ttl) if self.redis else None)
-        self.cluster_exclusive = (RedisExclusive(self.redis, config.limits.one_stream_per_consumer)
+        self.cluster_exclusive = (RedisExclusive(self.redis, config.limits.one_stream_per_consumer,
+                                                 self.shared.notices if self.shared else None)
                                   if self.redis else None)
         self.limiter = ConnectionLimiter(config.server)
         self.quota = StreamQuota(config.limits.max_streams_per_consumer)
@@ -150,9 +153,12 @@ class GatewayApp:
         self._background.append(loop.create_task(self.hub.run_ticker()))
         if self.rechecker is not None:
             self._background.append(loop.create_task(self.rechecker.run()))
-        if self.redis is not None and self.cluster_exclusive is not None:
+        if self.redis is not None:
             self._background.append(loop.create_task(self.redis.watch_health()))
+        if self.cluster_exclusive is not None:
             self._background.append(loop.create_task(self.cluster_exclusive.run()))
+        if self.shared is not None:
+            self._background.append(loop.create_task(self.shared.notices.run()))
         self.started = True
         try:
             yield
@@ -190,14 +196,21 @@ class GatewayApp:
             return False, "starting"
         if self.draining:
             return False, "draining"
-        if self.redis is not None and not self.redis.healthy:
+        if self.redis is not None and self.redis.down_for() > self.config.broker.unready_after:
+            # A Redis blip does not empty the load balancer: only an outage longer than unready_after does.
             return False, "redis_unavailable"
         if self.health.reachable() is False:
             return False, "upstream_unreachable"
         return True, "ready"
 
     def readiness_details(self) -> dict[str, Any]:
-        return {}
+        """The broker's state, for /healthz and /readyz."""
+        if self.redis is None:
+            return {"broker": {"kind": "memory"}}
+        down_for = self.redis.down_for()
+        return {"broker": {"kind": "redis", "state": "up" if self.redis.healthy else "down",
+                           "unavailable_seconds": round(down_for, 3),
+                           "unready_after_seconds": self.config.broker.unready_after}}
 
 
 def create_app(config: GatewayConfig, **kwargs: Any) -> GatewayApp:

@@ -13,6 +13,7 @@ import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
+from urllib.parse import unquote, urlsplit
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -200,9 +201,26 @@ class DashboardConfig(_Section):
 
 class BrokerConfig(_Section):
     kind: Literal["memory", "redis"] = "memory"
+    #: One Redis (or, with `cluster`, any node of a Redis Cluster): redis:// or rediss://, credentials inside.
     url: str | None = Field(None, repr=False)
+    url_file: Path | None = None
+    #: Redis Sentinel instead of `url`: the sentinels ("host:port") and the name of the monitored master.
+    sentinels: tuple[str, ...] = ()
+    sentinel_master: str | None = None
+    #: The password of the Redis master and replicas (Sentinel mode; with `url` it goes in the URL).
+    password: str | None = Field(None, repr=False)
+    password_file: Path | None = None
+    #: The sentinels' own password, if they require one.
+    sentinel_password: str | None = Field(None, repr=False)
+    sentinel_password_file: Path | None = None
+    #: `url` names a node of a Redis Cluster (every stream's keys share one hash slot).
+    cluster: bool = False
     key_prefix: str = "gw:"
     lease_ttl: PositiveSeconds = 5.0
+    #: Seconds Redis may be unreachable before /readyz reports this replica not ready.
+    unready_after: PositiveSeconds = 30.0
+    #: Most connections this replica opens to Redis (per node with `cluster`), however many streams it serves.
+    max_connections: int = Field(32, ge=2)
 
     @field_validator("key_prefix")
     @classmethod
@@ -211,11 +229,33 @@ class BrokerConfig(_Section):
             raise ValueError("must not contain '{' or '}' (each stream's keys use its name as a Redis hash tag)")
         return value
 
+    @field_validator("sentinels")
+    @classmethod
+    def _sentinels(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        for entry in value:
+            host, sep, port = entry.rpartition(":")
+            if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+                raise ValueError(f"{entry!r} is not host:port")
+        return value
+
     @model_validator(mode="after")
     def _url(self) -> BrokerConfig:
-        if self.kind == "redis" and not self.url:
-            raise ValueError("broker.url is required when broker.kind is redis")
+        if self.kind != "redis":
+            return self
+        if self.sentinels:
+            if self.url:
+                raise ValueError("set either broker.url or broker.sentinels, not both")
+            if not self.sentinel_master:
+                raise ValueError("broker.sentinel_master is required with broker.sentinels")
+            if self.cluster:
+                raise ValueError("broker.cluster and broker.sentinels exclude each other")
+        elif not self.url:
+            raise ValueError("broker.url (or url_file, or sentinels) is required when broker.kind is redis")
         return self
+
+    def endpoints(self) -> tuple[tuple[str, int], ...]:
+        """The sentinels as (host, port)."""
+        return tuple((host, int(port)) for host, _, port in (s.rpartition(":") for s in self.sentinels))
 
 
 class LoggingConfig(_Section):
@@ -237,7 +277,13 @@ class GatewayConfig(_Section):
 
     def secrets(self) -> tuple[str, ...]:
         """Every secret value, so log and response scrubbers can look for them."""
-        values = (self.upstream.api_key, self.auth.jwt.secret)
+        broker = self.broker
+        values = [self.upstream.api_key, self.auth.jwt.secret, broker.password, broker.sentinel_password]
+        if broker.url:
+            values.append(broker.url)
+            password = urlsplit(broker.url).password
+            if password:
+                values += [password, unquote(password)]
         return tuple(v for v in values if v)
 
 
@@ -258,7 +304,8 @@ def _expand(node: Any, path: str, env: Mapping[str, str], problems: list[str]) -
     return node
 
 
-_FILE_KEYS = (("upstream", "api_key"), ("auth.jwt", "secret"), ("auth.jwt", "public_key"))
+_FILE_KEYS = (("upstream", "api_key"), ("auth.jwt", "secret"), ("auth.jwt", "public_key"), ("broker", "url"),
+              ("broker", "password"), ("broker", "sentinel_password"))
 
 
 def _read_files(data: dict[str, Any], problems: list[str]) -> None:

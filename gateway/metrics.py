@@ -100,6 +100,21 @@ class _OldestEventAge(Collector):
         yield family
 
 
+class _BrokerState(Collector):
+    """Shared mode: is Redis answering, and for how long has it not been (computed at scrape time)."""
+
+    def __init__(self, source: Callable[[], tuple[bool, float]]) -> None:
+        self._source = source
+
+    def collect(self) -> Iterable[GaugeMetricFamily]:
+        up, down_for = self._source()
+        yield GaugeMetricFamily("gateway_broker_up", "1 while the shared broker (Redis) answers, 0 while it does not",
+                                value=1.0 if up else 0.0)
+        yield GaugeMetricFamily("gateway_broker_unavailable_seconds",
+                                "Seconds the shared broker (Redis) has not been answering (0 while it answers)",
+                                value=down_for)
+
+
 class Metrics:
     """Every metric the gateway exports; one instance per app, built on the given registry."""
 
@@ -139,6 +154,10 @@ class Metrics:
                                          buckets=_DELAY_BUCKETS, registry=r)
         self.tail_lag = Histogram("gateway_redis_tail_lag_seconds", "Redis stream append to local fan-out",
                                   buckets=_DELAY_BUCKETS, registry=r)
+
+    def watch_broker(self, source: Callable[[], tuple[bool, float]]) -> None:
+        """Register `gateway_broker_up` and `gateway_broker_unavailable_seconds` (shared mode only)."""
+        self.registry.register(_BrokerState(source))
 
     def watch_streams(self, source: Callable[[], Iterable[tuple[str, float]]],
                       clock: Callable[[], float] = time.monotonic) -> None:

@@ -15,6 +15,10 @@ class TCPProxy:
         self._server: asyncio.Server | None = None
         self._live: set[asyncio.StreamWriter] = set()
         self._tasks: set[asyncio.Task[None]] = set()
+        #: While set, nothing gets through in either direction (and no new connection reaches the target).
+        self.partitioned = False
+        self._connected = asyncio.Event()
+        self._connected.set()
 
     @property
     def port(self) -> int:
@@ -26,6 +30,7 @@ class TCPProxy:
         return f"http://127.0.0.1:{self.port}"
 
     async def _accept(self, client_reader: asyncio.StreamReader, client_writer: asyncio.StreamWriter) -> None:
+        await self._connected.wait()  # during a partition: a SYN into the void, the client waits and times out
         try:
             server_reader, server_writer = await asyncio.open_connection(*self.target)
         except OSError:
@@ -45,12 +50,24 @@ class TCPProxy:
                 self._live.discard(writer)
                 writer.transport.abort()
 
-    @staticmethod
-    async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    async def _pipe(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         with contextlib.suppress(ConnectionError, OSError):
             while data := await reader.read(65536):
+                if self.partitioned:
+                    continue  # lost on the way
                 writer.write(data)
                 await writer.drain()
+
+    def partition(self) -> None:
+        """Drop everything from now on, both ways, as a network partition would (nothing is closed)."""
+        self.partitioned = True
+        self._connected.clear()
+
+    def heal(self) -> None:
+        """The network is back. Connections that lost bytes are cut, as their peers would find out."""
+        self.partitioned = False
+        self._connected.set()
+        self.cut()
 
     def cut(self) -> int:
         """Abort every live connection on both sides (no FIN, no final bytes); returns how many were cut."""

@@ -30,7 +30,7 @@ async def get_json(url: str, headers: dict[str, str] | None = None) -> tuple[int
 
 
 async def test_healthz_and_readyz_when_all_is_well(sim: Sim, gateway: Gateway) -> None:
-    assert await get_json(f"{gateway.url}/healthz") == (200, {"status": "ok"})
+    assert await get_json(f"{gateway.url}/healthz") == (200, {"status": "ok", "broker": {"kind": "memory"}})
     status, body = await get_json(f"{gateway.url}/readyz")
     assert status == 200
     assert body["status"] == "ready" and body["ready"] is True and body["draining"] is False

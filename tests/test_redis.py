@@ -10,7 +10,6 @@ import asyncio
 import contextlib
 import json
 import signal
-import subprocess
 import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -18,80 +17,20 @@ from typing import Any
 
 import httpx
 import pytest
-import yaml
 from prometheus_client import CollectorRegistry
 
 from gateway.auth.tokens import mint_token
 from gateway.broker.redis.keys import Keys
-from tests.conftest import API_KEY, SECRET, Received, Sim, read_sse, terminal
-from tests.servers import serve, subprocess_server, wait_for
+from tests.conftest import SECRET, Received, Sim, read_sse, terminal
+from tests.redis_servers import LEASE_TTL, RedisServer, Replica, follow, replicas, token
+from tests.servers import serve, wait_for
 from tests.test_security import Webhook
 from tests.wsclient import Client, protocols, recording_client
 
 pytestmark = [pytest.mark.slow, pytest.mark.requires("redis-server")]
 
-LEASE_TTL = 1.5
 #: The keys of the replicas' `key_prefix: "t:"`.
 KEYS = Keys("t:")
-
-
-class RedisServer:
-    """A real `redis-server` on loopback. Its port is found by starting it: a port another process took
-    meanwhile makes it exit at once, and the next candidate is tried (no port is reserved and released)."""
-
-    def __init__(self, *options: str, password: str | None = None) -> None:
-        self.port = 0
-        self.options = options
-        self.password = password
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    @property
-    def url(self) -> str:
-        credentials = f":{self.password}@" if self.password else ""
-        return f"redis://{credentials}127.0.0.1:{self.port}/0"
-
-    def start(self) -> None:
-        """Start on this server's port (again, after a `stop`), or on a free one the first time."""
-        for _ in range(10):
-            port = self.port or _candidate_port()
-            if self._start_on(port):
-                self.port = port
-                return
-            if self.port:
-                break
-        raise RuntimeError("redis-server did not start")
-
-    def _start_on(self, port: int) -> bool:
-        import socket
-
-        auth = ["--requirepass", self.password] if self.password else []
-        self.proc = subprocess.Popen(
-            ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-             *auth, *self.options],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        deadline = time.monotonic() + 5
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                return False  # the port was taken: it could not bind
-            with socket.socket() as sock:
-                if sock.connect_ex(("127.0.0.1", port)) == 0:
-                    return True
-            time.sleep(0.01)
-        self.stop()
-        return False
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait()
-
-
-def _candidate_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 @pytest.fixture
@@ -100,66 +39,6 @@ def redis_server() -> Iterator[RedisServer]:
     server.start()
     yield server
     server.stop()
-
-
-class Replica:
-    def __init__(self, port: int, proc: subprocess.Popen[bytes]) -> None:
-        self.port = port
-        self.proc = proc
-        self.url = f"http://127.0.0.1:{port}"
-
-    async def metric(self, name: str) -> float:
-        async with httpx.AsyncClient() as client:
-            text = (await client.get(f"{self.url}/metrics")).text
-        for line in text.splitlines():
-            if line.startswith(name + " ") or line.startswith(name + "{"):
-                return float(line.rsplit(" ", 1)[1])
-        return 0.0
-
-    async def ready(self) -> bool:
-        async with httpx.AsyncClient() as client:
-            return (await client.get(f"{self.url}/readyz")).status_code == 200
-
-
-@contextlib.asynccontextmanager
-async def replicas(tmp_path: Path, sim: Sim, redis: RedisServer, count: int = 3, auth: dict[str, Any] | None = None,
-                   **limits: Any) -> AsyncIterator[list[Replica]]:
-    config = tmp_path / "gateway.yaml"
-    config.write_text(yaml.safe_dump({
-        "server": {"host": "127.0.0.1", "port": 0, "drain_timeout": 2},
-        "upstream": {"base_url": sim.url, "api_key": "${TEST_KEY}", "backoff_initial": 0.05, "backoff_max": 0.5},
-        "auth": {"jwt": {"algorithms": ["HS256"], "secret": "${TEST_SECRET}"}, **(auth or {})},
-        "limits": {"heartbeat": 0.5, "linger": 1, **limits},
-        "broker": {"kind": "redis", "url": "${TEST_REDIS_URL}", "key_prefix": "t:", "lease_ttl": LEASE_TTL},
-        "logging": {"level": "warning"},
-    }))
-    env = {"TEST_KEY": API_KEY, "TEST_SECRET": SECRET, "TEST_REDIS_URL": redis.url}
-    with contextlib.ExitStack() as stack:
-        started = []
-        for _ in range(count):
-            proc, ports = stack.enter_context(subprocess_server(["serve", "--config", str(config)], env=env))
-            started.append(Replica(ports["port"], proc))
-        yield started
-
-
-def token(sub: str) -> dict[str, str]:
-    return {"Authorization": "Bearer " + mint_token(SECRET, "HS256", sub, 300, {"streams": ["*/*"]})}
-
-
-async def follow(urls: list[str], path: str, sub: str, received: Received, deadline: float = 20) -> None:
-    """A browser: stream from one replica; when it dies or drains, resume on the next with Last-Event-ID."""
-    stop = time.monotonic() + deadline
-    index = 0
-    while time.monotonic() < stop and not any(e[1] in ("final", "error") for e in received.events):
-        headers = token(sub)
-        ids = received.ids
-        if ids:
-            headers["Last-Event-ID"] = ids[-1] or ""
-        with contextlib.suppress(httpx.HTTPError, OSError, asyncio.TimeoutError):
-            await read_sse(urls[index % len(urls)] + path, headers, received=received, timeout=10, until=terminal)
-        if received.events and received.events[-1][1] == "gateway.close":
-            received.events.pop()
-        index += 1
 
 
 async def test_replicas_share_one_upstream_stream(tmp_path: Path, sim: Sim, redis_server: RedisServer) -> None:
@@ -325,7 +204,8 @@ async def test_redis_restart_mid_run(tmp_path: Path, sim: Sim, redis_server: Red
                  for i in range(4)]
         await wait_for(lambda: all(len(r.events) >= 10 for r in received), message="streams flowing")
         redis_server.stop()
-        await wait_for(lambda: _not_ready(nodes[0]), timeout=5, message="readiness false without Redis")
+        await wait_for(lambda: _broker_down(nodes[0]), timeout=5, message="the replica to see Redis gone")
+        assert await nodes[0].ready()  # a blip shorter than broker.unready_after keeps it in the load balancer
         count = min(len(r.events) for r in received)
         await wait_for(lambda: any(len(r.events) > count + 3 for r in received), timeout=5,
                        message="the holder's subscribers keep flowing")
@@ -359,7 +239,7 @@ async def test_redis_restart_old_holder_retakes_the_lease(tmp_path: Path, sim: S
         other = nodes[1 - nodes.index(holder)]
         on_holder = received[nodes.index(holder)]
         redis_server.stop()
-        await wait_for(lambda: _not_ready(holder), timeout=5, message="readiness false without Redis")
+        await wait_for(lambda: _broker_down(holder), timeout=5, message="the holder to see Redis gone")
         count = len(on_holder.events)
         await wait_for(lambda: len(on_holder.events) >= count + 3, timeout=5,
                        message="the holder's browsers keep getting events")
@@ -390,7 +270,7 @@ async def test_redis_restarted_again_and_again(tmp_path: Path, sim: Sim, redis_s
             await wait_for(lambda m=mark: min(len(r.ids) for r in received) >= m, timeout=10,
                            message=f"every browser past event {mark}")
             redis_server.stop()
-            await wait_for(lambda: _not_ready(nodes[0]), timeout=5, message="readiness false without Redis")
+            await wait_for(lambda: _broker_down(nodes[0]), timeout=5, message="the replica to see Redis gone")
             count = max(len(r.ids) for r in received)
             await wait_for(lambda c=count, o=outage: max(len(r.ids) for r in received) >= c + o,
                            timeout=5, message="events during the outage")
@@ -440,7 +320,7 @@ async def test_tailer_behind_the_trimmed_stream_tells_its_subscribers(tmp_path: 
 
     async def append(first: int, last: int) -> None:
         # A holder (this test) appends events first..last in one atomic call; the last one is `final`.
-        args = ["test-holder", "20", "1", "60000"]
+        args = ["test-holder", "20", "1", "60000", keys.appended_channel, resource]
         for ordinal in range(first, last + 1):
             fields = ["k", "e", "i", str(ordinal), "y", "final" if ordinal == 303 else "row_complete", "d", "{}"]
             args += [event_entry_id(ordinal), str(len(fields)), *fields]
@@ -544,6 +424,12 @@ async def _lease_and_log(redis: Any, lease: str, stream: str) -> bool:
         return False
 
 
+async def _broker_down(node: Replica) -> bool:
+    async with httpx.AsyncClient() as client:
+        health = (await client.get(f"{node.url}/healthz")).json()
+    return bool(health["broker"]["state"] == "down")
+
+
 async def _not_ready(node: Replica) -> bool:
     return not await node.ready()
 
@@ -559,11 +445,13 @@ async def test_fenced_ex_holder_cannot_write(redis_server: RedisServer) -> None:
     try:
         await client.redis.set(keys.lease("evaluations/x"), "old-holder", px=5000)
         appended = await client.fenced_xadd(keys=[keys.lease("evaluations/x"), keys.stream("evaluations/x")],
-                                            args=["old-holder", "100", "1", "60000", "1-0", "4", "k", "e", "i", "1"])
+                                            args=["old-holder", "100", "1", "60000", "", "",
+                                                  "1-0", "4", "k", "e", "i", "1"])
         assert appended == 1
         # A batch resent after its reply was lost appends nothing twice.
         appended = await client.fenced_xadd(keys=[keys.lease("evaluations/x"), keys.stream("evaluations/x")],
-                                            args=["old-holder", "100", "1", "60000", "1-0", "4", "k", "e", "i", "1",
+                                            args=["old-holder", "100", "1", "60000", "", "",
+                                                  "1-0", "4", "k", "e", "i", "1",
                                                   "2-0", "4", "k", "e", "i", "2"])
         assert appended == 1
         # A batch that would leave a hole (Redis lost acknowledged entries) is refused with the last position.
@@ -571,12 +459,14 @@ async def test_fenced_ex_holder_cannot_write(redis_server: RedisServer) -> None:
 
         with pytest.raises(ResponseError, match="BEHIND 2"):
             await client.fenced_xadd(keys=[keys.lease("evaluations/x"), keys.stream("evaluations/x")],
-                                     args=["old-holder", "100", "1", "60000", "4-0", "4", "k", "e", "i", "4"])
+                                     args=["old-holder", "100", "1", "60000", "", "",
+                                                  "4-0", "4", "k", "e", "i", "4"])
         # The lease expires and a new holder (higher fencing token) takes it.
         await client.redis.set(keys.lease("evaluations/x"), "new-holder")
         with pytest.raises(ResponseError, match="FENCED"):
             await client.fenced_xadd(keys=[keys.lease("evaluations/x"), keys.stream("evaluations/x")],
-                                     args=["old-holder", "100", "1", "60000", "3-0", "4", "k", "e", "i", "3"])
+                                     args=["old-holder", "100", "1", "60000", "", "",
+                                                  "3-0", "4", "k", "e", "i", "3"])
         entries = await client.redis.xrange(keys.stream("evaluations/x"))
         assert [(entry_id, fields["i"]) for entry_id, fields in entries] == [("1-0", "1"), ("2-0", "2")]
     finally:
@@ -635,13 +525,15 @@ async def test_a_failing_subscriber_does_not_stop_the_tailer(redis_server: Redis
     resource = "evaluations/e-bad-sub"
 
     async def append(first: int, last: int, final: int = 0) -> None:
-        args = ["test-holder", "100", "1", "60000"]
+        args = ["test-holder", "100", "1", "60000", KEYS.appended_channel, resource]
         for ordinal in range(first, last + 1):
             fields = ["k", "e", "i", str(ordinal), "y", "final" if ordinal == final else "row_complete", "d", "{}"]
             args += [event_entry_id(ordinal), str(len(fields)), *fields]
         await client.fenced_xadd(keys=[KEYS.lease(resource), KEYS.stream(resource)], args=args)
 
+    notices = asyncio.create_task(broker.notices.run())
     try:
+        await asyncio.wait_for(broker.notices.subscribed.wait(), timeout=5)
         await client.redis.set(KEYS.lease(resource), "test-holder", px=60_000)  # held elsewhere: tail only
         good, bad = hub.subscribe(resource), hub.subscribe(resource)
         aborted: list[int] = []
@@ -657,6 +549,8 @@ async def test_a_failing_subscriber_does_not_stop_the_tailer(redis_server: Redis
         assert [e.id for e in good.topic.events] == ["1", "2", "3", "4", "5", "6"]
         assert bad.failed and aborted == [1] and not good.closed
     finally:
+        notices.cancel()
+        await asyncio.gather(notices, return_exceptions=True)
         await hub.aclose()
         await broker.aclose()
 

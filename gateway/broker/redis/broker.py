@@ -32,7 +32,7 @@ import time
 from collections.abc import Callable, Coroutine
 from typing import Any
 
-from gateway.broker.redis.client import RedisClient
+from gateway.broker.redis.client import Notices, RedisClient
 from gateway.broker.redis.session import StreamSession
 from gateway.config import BrokerConfig, LimitsConfig
 from gateway.hub.ports import FeedRunner
@@ -44,7 +44,8 @@ class RedisBroker:
     """The `Broker` for `broker.kind: redis`: leases, fenced appends and tailing per resource."""
 
     def __init__(self, config: BrokerConfig, limits: LimitsConfig, pool: FeedRunner, metrics: Metrics,
-                 client: RedisClient | None = None, clock: Callable[[], float] = time.monotonic) -> None:
+                 client: RedisClient | None = None, clock: Callable[[], float] = time.monotonic,
+                 notices: Notices | None = None) -> None:
         self.config = config
         self.limits = limits
         self.pool = pool
@@ -54,6 +55,11 @@ class RedisBroker:
         self.replica_id = secrets.token_hex(6)
         self._sessions: dict[str, StreamSession] = {}
         self._tasks: set[asyncio.Task[None]] = set()
+        #: The replica's one pub/sub connection: append notices wake the tailers (and supersede notices
+        #: reach `RedisExclusive`, which registers itself here).
+        self.notices = notices or Notices(self.client)
+        self.notices.on(self.client.keys.appended_channel, self._appended)
+        self.notices.on_reconnect(self._poke_all)
 
     @property
     def healthy(self) -> bool:
@@ -67,6 +73,15 @@ class RedisBroker:
         """
         lease = self.config.lease_ttl
         return int((max(self.limits.history_ttl, 2 * lease) + lease) * 1000)
+
+    def _appended(self, resource: str) -> None:
+        session = self._sessions.get(resource)
+        if session is not None:
+            session.poke()
+
+    def _poke_all(self) -> None:
+        for session in list(self._sessions.values()):
+            session.poke()
 
     def spawn(self, coro: Coroutine[Any, Any, None]) -> None:
         task = asyncio.get_running_loop().create_task(coro)

@@ -6,15 +6,13 @@ import asyncio
 import contextlib
 import json
 import secrets
-import time
 
 from redis.exceptions import RedisError
 
-from gateway.broker.redis.client import RedisClient
+from gateway.broker.redis.client import Notices, RedisClient
 from gateway.codec.closes import SUPERSEDED
 from gateway.errors import LimitError
 from gateway.limits.exclusive import Closable
-from gateway.upstream.backoff import Backoff
 
 
 class RedisExclusive:
@@ -28,9 +26,11 @@ class RedisExclusive:
 
     TTL = 60.0
 
-    def __init__(self, client: RedisClient, policy: str) -> None:
+    def __init__(self, client: RedisClient, policy: str, notices: Notices | None = None) -> None:
         self.client = client
         self.policy = policy
+        if notices is not None:
+            notices.on(client.keys.supersede_channel, self.on_notice)
         self.owner_prefix = secrets.token_hex(6)
         self._open: dict[tuple[str, str], tuple[str, Closable]] = {}
         self._counter = 0
@@ -78,26 +78,12 @@ class RedisExclusive:
             entry[1].close(SUPERSEDED)
 
     async def run(self) -> None:
-        """Listen for supersede notices and keep this replica's reject-policy keys alive."""
+        """Keep this replica's claims alive (supersede notices arrive through the broker's `Notices`)."""
         client = self.client
-        backoff = Backoff(0.2, 5.0)
         while True:
-            pubsub = client.redis.pubsub()
-            try:
-                await pubsub.subscribe(client.keys.supersede_channel)
-                backoff.reset()
-                refresh_at = time.monotonic() + self.TTL / 3
-                while True:
-                    message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=1.0)
-                    if message is not None and isinstance(message.get("data"), str):
-                        self.on_notice(message["data"])
-                    if time.monotonic() >= refresh_at:
-                        refresh_at = time.monotonic() + self.TTL / 3
-                        for (consumer, resource), (_owner, _sub) in list(self._open.items()):
-                            await client.redis.pexpire(client.keys.exclusive(consumer, resource),
-                                                       int(self.TTL * 1000))
-            except (RedisError, OSError):
-                await asyncio.sleep(backoff.next())
-            finally:
-                with contextlib.suppress(Exception):
-                    await pubsub.aclose()  # type: ignore[no-untyped-call]
+            await asyncio.sleep(self.TTL / 3)
+            ttl_ms = int(self.TTL * 1000)
+            for consumer, resource in list(self._open):
+                key = client.keys.exclusive(consumer, resource)
+                with contextlib.suppress(RedisError, OSError):
+                    await client.call(lambda k=key, t=ttl_ms: client.redis.pexpire(k, t))  # type: ignore[misc]

@@ -50,6 +50,11 @@ class Keys:
     def supersede_channel(self) -> str:
         return f"{self.prefix}supersede"
 
+    @property
+    def appended_channel(self) -> str:
+        """Where a holder announces that a stream's log grew (the message is the resource)."""
+        return f"{self.prefix}appended"
+
 
 def event_entry_id(ordinal: int) -> str:
     """The Redis id of the event at `ordinal` (1-based position in its resource's sequence)."""

@@ -1,7 +1,9 @@
 """The Lua scripts of the shared broker: each touches one stream's keys atomically (one hash slot)."""
 
-# KEYS: lease, stream. ARGV: holder, maxlen, refuse_gap, ttl_ms, then per entry its id, its field count and
-# its fields. The stream's TTL is set on every append (a stream abandoned mid-run expires on its own).
+# KEYS: lease, stream. ARGV: holder, maxlen, refuse_gap, ttl_ms, channel, notice, then per entry its id, its
+# field count and its fields. The stream's TTL is set on every append (a stream abandoned mid-run expires on its
+# own), and `notice` is published on `channel` when something was appended: tailers read when told, so no
+# replica holds a blocking read (a connection) per stream.
 # One call appends a whole batch, so a burst from the upstream reaches the tailers as one
 # read. An entry at or below the stream's last id is already there (a batch resent after its reply was
 # lost, or history a new holder restores): it is skipped, so appending is idempotent. With refuse_gap
@@ -9,16 +11,16 @@
 # is refused with `BEHIND <last ordinal>`, so the holder can put back what it has first.
 FENCED_XADD = """
 if redis.call('GET', KEYS[1]) ~= ARGV[1] then return redis.error_reply('FENCED') end
-if ARGV[3] == '1' and ARGV[5] then
+if ARGV[3] == '1' and ARGV[7] then
   local top = redis.call('XREVRANGE', KEYS[2], '+', '-', 'COUNT', 1)
   local last = 0
   if top[1] then last = tonumber(string.match(top[1][1], '^(%d+)')) end
-  local ordinal, seq = string.match(ARGV[5], '^(%d+)-(%d+)$')
+  local ordinal, seq = string.match(ARGV[7], '^(%d+)-(%d+)$')
   local needs = tonumber(ordinal) - 1
   if seq == '1' then needs = needs + 1 end
   if needs > last then return redis.error_reply('BEHIND ' .. last) end
 end
-local i = 5
+local i = 7
 local count = 0
 while i <= #ARGV do
   local n = tonumber(ARGV[i + 1])
@@ -31,6 +33,7 @@ while i <= #ARGV do
   i = i + n + 2
 end
 redis.call('PEXPIRE', KEYS[2], ARGV[4])
+if count > 0 and ARGV[5] ~= '' then redis.call('PUBLISH', ARGV[5], ARGV[6]) end
 return count
 """
 # KEYS: lease, stream, fence. ARGV: holder, lease ttl_ms, keep ttl_ms. The holder keeps its stream and

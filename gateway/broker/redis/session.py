@@ -25,9 +25,13 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("gateway.redis")
 
-#: Longest a tailer's XREAD blocks (ms): well under the client's socket timeout (at least 2 s),
-#: so an idle stream never looks like a dead Redis.
-TAIL_BLOCK_MS = 1000
+#: Most entries one read of a stream's log carries.
+TAIL_BATCH = 1000
+#: Seconds between two reads of an idle stream's log when no notice came (a notice lost in a reconnect).
+TAIL_SAFETY_READ = 5.0
+#: The share of `broker.lease_ttl` a holder gives up early: it stops its feed by its own clock this long
+#: before the lease could expire in Redis, so the upstream never sees two streams for one resource.
+LEASE_SAFETY_MARGIN = 0.25
 _REASONS = {reason.code: reason for reason in CATALOGUE}
 
 
@@ -46,34 +50,51 @@ class StreamSession:
         self.started_at = time.time()
         #: The ordinal of a stale end entry the tailer stepped over (it reads on after it).
         self._skipped_end = -1
+        #: Set by an append notice (or a reconnect of the notices): the log may have grown.
+        self._moved = asyncio.Event()
+        self._moved.set()
+        #: Until when (monotonic) this replica's lease is certainly still its own; see `_watch_lease`.
+        self.lease_deadline = 0.0
+        self._watchdog: asyncio.TimerHandle | None = None
         loop = asyncio.get_running_loop()
         self.tasks = [loop.create_task(self._tail(), name=f"tail {topic.kind}"),
                       loop.create_task(self._lease_loop(), name=f"lease {topic.kind}")]
 
     # --- the tailer -------------------------------------------------------------------
 
+    def poke(self) -> None:
+        """The stream's log may have grown (an append notice): read it."""
+        self._moved.set()
+
     async def _tail(self) -> None:
+        """Read the log whenever it may have moved; no blocking read, so no connection per stream."""
         client = self.broker.client
         stream = client.keys.stream(self.topic.key)
         backoff = Backoff(0.1, 2.0)
         while not self.topic.ended:
-            # Read after where the local topic is (not after the last entry read): events the
-            # holder published here directly while Redis was away are not read twice, and a
-            # stream that Redis lost and the next holder refilled is read from the right place.
-            after = end_entry_id(self.ordinal) if self._skipped_end == self.ordinal else event_entry_id(self.ordinal)
-            try:
-                reply: Any = await client.call(lambda s=after: client.redis.xread(  # type: ignore[misc]
-                    {stream: s}, count=1000, block=TAIL_BLOCK_MS))
-            except (RedisError, OSError):
-                await asyncio.sleep(backoff.next())
-                continue
-            except Exception:  # a bug here must not silently stop every subscriber of the stream
-                log.exception("redis tail failed", extra={"stream_kind": self.topic.kind})
-                await asyncio.sleep(backoff.next())
-                continue
-            backoff.reset()
-            for _name, entries in reply or ():
-                for entry_id, fields in entries:
+            with contextlib.suppress(TimeoutError):
+                # Woken by a notice; a slow safety read catches a notice lost while Redis was away.
+                await asyncio.wait_for(self._moved.wait(), timeout=TAIL_SAFETY_READ)
+            self._moved.clear()
+            while not self.topic.ended:
+                # Read after where the local topic is (not after the last entry read): events the
+                # holder published here directly while Redis was away are not read twice, and a
+                # stream that Redis lost and the next holder refilled is read from the right place.
+                after = end_entry_id(self.ordinal) if self._skipped_end == self.ordinal else \
+                    event_entry_id(self.ordinal)
+                try:
+                    entries: Any = await client.call(lambda s=after: client.redis.xrange(  # type: ignore[misc]
+                        stream, min=f"({s}", count=TAIL_BATCH))
+                except (RedisError, OSError):
+                    self._moved.set()  # read again once Redis answers
+                    await asyncio.sleep(backoff.next())
+                    break
+                except Exception:  # a bug here must not silently stop every subscriber of the stream
+                    log.exception("redis tail failed", extra={"stream_kind": self.topic.kind})
+                    await asyncio.sleep(backoff.next())
+                    break
+                backoff.reset()
+                for entry_id, fields in entries or ():
                     if self.topic.ended:
                         break
                     ordinal = entry_ordinal(entry_id)
@@ -82,6 +103,8 @@ class StreamSession:
                     except Exception:  # one bad entry is skipped, never read again in a loop
                         log.exception("redis entry skipped", extra={"stream_kind": self.topic.kind})
                         self.ordinal = max(self.ordinal, ordinal)
+                if len(entries or ()) < TAIL_BATCH:
+                    break
 
     def _apply(self, ordinal: int, fields: dict[str, str]) -> None:
         topic = self.topic
@@ -156,23 +179,49 @@ class StreamSession:
         broker = self.broker
         client = broker.client
         keys = client.keys
-        ttl_ms = int(broker.config.lease_ttl * 1000)
-        interval = broker.config.lease_ttl / 3
+        ttl = broker.config.lease_ttl
+        ttl_ms = int(ttl * 1000)
+        interval = ttl / 4
         holder = ""
         while not self.topic.ended:
+            started = self.broker.clock()
             try:
                 if self.sink is not None:
                     renewed = await client.call(lambda h=holder, k=self.topic.key: client.renew(  # type: ignore[misc]
                         keys=[keys.lease(k), keys.stream(k), keys.fence(k)], args=[h, ttl_ms, broker.keep_ms]))
-                    if not renewed:
+                    if renewed:
+                        self._watch_lease(started)
+                    else:
                         self.lost_lease()
                 else:
-                    holder = await self._try_acquire(ttl_ms)
+                    holder = await self._try_acquire(ttl_ms, started)
             except (RedisError, OSError):
-                pass  # health is tracked by the client; a holder keeps its feed meanwhile
+                pass  # health is tracked by the client; the watchdog stops the feed in time
             await asyncio.sleep(interval if self.sink is not None else interval / 2)
 
-    async def _try_acquire(self, ttl_ms: int) -> str:
+    def _watch_lease(self, asked_at: float) -> None:
+        """The lease is ours until `asked_at + lease_ttl` at least (Redis set its TTL after we asked).
+
+        If no renewal succeeds before that, minus a safety margin, the feed stops by this
+        process's own monotonic clock, whatever Redis is doing (stalled, restarting, failing over,
+        or out of reach): nobody else can take the lease before it expires in Redis, so the
+        upstream never sees a second stream for this resource.
+        """
+        ttl = self.broker.config.lease_ttl
+        self.lease_deadline = asked_at + ttl * (1 - LEASE_SAFETY_MARGIN)
+        if self._watchdog is not None:
+            self._watchdog.cancel()
+        loop = asyncio.get_running_loop()
+        self._watchdog = loop.call_later(max(0.0, self.lease_deadline - self.broker.clock()), self._lease_expiring)
+
+    def _lease_expiring(self) -> None:
+        self._watchdog = None
+        if self.sink is not None and self.broker.clock() >= self.lease_deadline - 0.01:
+            log.warning("lease not renewed in time; stopping the upstream feed", extra={
+                "stream_kind": self.topic.kind})
+            self.lost_lease()
+
+    async def _try_acquire(self, ttl_ms: int, asked_at: float) -> str:
         broker = self.broker
         client = broker.client
         keys = client.keys
@@ -210,8 +259,11 @@ class StreamSession:
         backlog = [(held, event) for held, event in self.retained if held > ordinal]
         if backlog:
             ordinal, last_id = backlog[-1][0], backlog[-1][1].id
+        if self.broker.clock() >= asked_at + self.broker.config.lease_ttl * (1 - LEASE_SAFETY_MARGIN):
+            return ""  # acquiring took so long that the lease may be gone already: let it expire
         log.info("lease acquired", extra={"stream_kind": self.topic.kind, "fence": fence,
                                           "resume": last_id is not None, "restored": len(backlog)})
+        self._watch_lease(asked_at)
         self.sink = FencedWriter(self, holder, last_id, ordinal, backlog)
         self.broker.metrics.leases_held.inc()
         self.broker.pool.attach(self.sink)
@@ -227,6 +279,9 @@ class StreamSession:
         sink, self.sink = self.sink, None
         if sink is None:
             return
+        if self._watchdog is not None:
+            self._watchdog.cancel()
+            self._watchdog = None
         log.warning("lease lost", extra={"stream_kind": self.topic.kind})
         self.broker.metrics.leases_held.dec()
         self.broker.spawn(self._stop_feed(sink, release=False))
@@ -254,6 +309,9 @@ class StreamSession:
                                                          args=[sink.holder]))
 
     async def aclose(self) -> None:
+        if self._watchdog is not None:
+            self._watchdog.cancel()
+            self._watchdog = None
         for task in self.tasks:
             task.cancel()
         await asyncio.gather(*self.tasks, return_exceptions=True)

@@ -94,7 +94,8 @@ class FencedWriter:
                 batch.append(self._queue.get_nowait())
             refuse_gap = True
             while True:
-                args = [self.holder, maxlen, "1" if refuse_gap else "0", str(self.session.broker.keep_ms)]
+                args = [self.holder, maxlen, "1" if refuse_gap else "0", str(self.session.broker.keep_ms),
+                        keys.appended_channel, self.key]
                 for kind, item, ordinal in batch:
                     fields = _fields(kind, item)
                     args += [event_entry_id(ordinal) if kind == "event" else end_entry_id(ordinal),
