@@ -213,6 +213,7 @@ def test_rendered_config_is_accepted_by_the_gateway(chart: Any, values_file: Pat
         "STRATIX_API_KEY": "test-key",
         "GATEWAY_JWT_SECRET": "x" * 32,
         "REDIS_URL": "redis://127.0.0.1:6379/0",
+        "REDIS_PASSWORD": "p" * 16,
     }
     config = gateway_config.parse_config(yaml.safe_load(configmap["data"]["gateway.yaml"]), env)
     assert config.server.host == "0.0.0.0"
@@ -260,6 +261,23 @@ def test_several_replicas_need_the_redis_broker(chart: Any, values: dict[str, An
 def test_redis_broker_needs_its_url(chart: Any) -> None:
     with pytest.raises(helm.HelmRenderError, match=r"config\.broker\.url is empty"):
         render(chart, {"replicaCount": 2, "config": {"broker": {"kind": "redis"}}})
+
+
+def test_sentinel_takes_its_password_from_the_secret_and_needs_a_master_name(chart: Any) -> None:
+    values = yaml.safe_load((CHART / "ci" / "sentinel.yaml").read_text())
+    env = {e["name"]: e["valueFrom"]["secretKeyRef"]["key"] for e in container(deployment(chart, values))["env"]}
+    assert env["REDIS_PASSWORD"] == "redis-password" and "REDIS_URL" not in env
+    (secret,) = find(render(chart, values), "Secret")
+    assert set(secret["data"]) == {"stratix-api-key", "gateway-jwt-secret", "redis-password"}
+    values["config"]["broker"]["sentinel_master"] = None
+    with pytest.raises(helm.HelmRenderError, match="sentinel_master is empty"):
+        render(chart, values)
+
+
+def test_cluster_uses_the_url_from_the_secret(chart: Any) -> None:
+    values = yaml.safe_load((CHART / "ci" / "cluster.yaml").read_text())
+    env = {e["name"]: e["valueFrom"]["secretKeyRef"]["key"] for e in container(deployment(chart, values))["env"]}
+    assert env["REDIS_URL"] == "redis-url" and "REDIS_PASSWORD" not in env
 
 
 def test_no_disruption_budget_for_a_single_replica(chart: Any) -> None:
@@ -343,6 +361,7 @@ def series() -> dict[str, set[str]]:
     from gateway import metrics as gateway_metrics
     metrics = gateway_metrics.Metrics()
     metrics.watch_streams(lambda: [("evaluations", 0.0)], clock=lambda: 1.0)
+    metrics.watch_broker(lambda: (True, 0.0))  # shared mode's broker gauges
     for metric in vars(metrics).values():
         # prometheus_client keeps a metric's label names in _labelnames; one child each makes
         # collect() list the labelled series with their labels
@@ -467,6 +486,7 @@ def test_alerts_and_dashboard_use_exported_metrics(chart: Any, series: dict[str,
     alerts, queries = monitoring(chart)
     assert set(alerts) == {
         "StratixGatewayDown",
+        "StratixGatewayBrokerUnavailable",
         "StratixGatewayUpstreamReconnectStorm",
         "StratixGatewayUpstreamSilent",
         "StratixGatewaySlowConsumerDisconnects",

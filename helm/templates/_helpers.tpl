@@ -53,6 +53,18 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- end }}
 {{- end }}
 
+{{/* The Redis URL comes from the Secret (REDIS_URL) unless the broker uses Sentinel. */}}
+{{- define "stratix-gateway.redisUrlFromSecret" -}}
+{{- $b := .Values.config.broker | default dict }}
+{{- if and (eq (include "stratix-gateway.brokerKind" .) "redis") $b.url (not $b.sentinels) }}true{{ end }}
+{{- end }}
+
+{{/* The Redis password comes from the Secret (REDIS_PASSWORD) with Sentinel. */}}
+{{- define "stratix-gateway.redisPasswordFromSecret" -}}
+{{- $b := .Values.config.broker | default dict }}
+{{- if and (eq (include "stratix-gateway.brokerKind" .) "redis") $b.sentinels .Values.secret.keys.redisPassword }}true{{ end }}
+{{- end }}
+
 {{/* The broker kind from the gateway config ("memory" when unset). */}}
 {{- define "stratix-gateway.brokerKind" -}}
 {{- (.Values.config.broker | default dict).kind | default "memory" }}
@@ -98,11 +110,24 @@ so `helm install`, `helm template` and `helm lint` all stop with the message.
 {{- fail (printf "\n%s needs config.broker.kind: redis (it is %q). With the in-process broker each replica opens its own upstream stream for every resource it serves, which breaks the upstream's one-stream-per-consumer limit (streams get rejected or cut). Either keep replicaCount: 1 with autoscaling off, or set config.broker.kind: redis with config.broker.url: ${REDIS_URL} and secret.redisUrl (or the redis-url key of secret.existingSecret)." $what $broker) }}
 {{- end }}
 {{- if eq $broker "redis" }}
-{{- if not (.Values.config.broker.url) }}
-{{- fail "\nconfig.broker.kind is redis but config.broker.url is empty: set config.broker.url: ${REDIS_URL} (the chart fills REDIS_URL from the Secret)." }}
+{{- $b := .Values.config.broker }}
+{{- if $b.sentinels }}
+{{- if not $b.sentinel_master }}
+{{- fail "\nconfig.broker.sentinels is set but config.broker.sentinel_master is empty: name the master the sentinels monitor." }}
+{{- end }}
+{{- if $b.url }}
+{{- fail "\nset either config.broker.url or config.broker.sentinels, not both." }}
+{{- end }}
+{{- if $b.cluster }}
+{{- fail "\nconfig.broker.cluster and config.broker.sentinels exclude each other." }}
+{{- end }}
+{{- else }}
+{{- if not $b.url }}
+{{- fail "\nconfig.broker.kind is redis but config.broker.url is empty: set config.broker.url: ${REDIS_URL} (the chart fills REDIS_URL from the Secret), or config.broker.sentinels and sentinel_master for Redis Sentinel." }}
 {{- end }}
 {{- if not .Values.secret.keys.redisUrl }}
 {{- fail "\nconfig.broker.kind is redis: secret.keys.redisUrl must name the Secret key holding the Redis URL." }}
+{{- end }}
 {{- end }}
 {{- end }}
 {{- $floor := add (.Values.rollout.preStopSeconds | int) (include "stratix-gateway.drainSeconds" . | int) }}
