@@ -41,6 +41,8 @@ from gateway.limits.exclusive import ExclusiveStreams
 from gateway.limits.quota import StreamQuota
 from gateway.logs import RequestIdMiddleware
 from gateway.metrics import Metrics, MetricsApp
+from gateway.transports.admin import PREFIX as ADMIN_PREFIX
+from gateway.transports.admin import AdminApi
 from gateway.transports.dashboard import Dashboard
 from gateway.transports.ending import Expiries
 from gateway.transports.http import HttpEndpoints, http_error, server_error
@@ -101,6 +103,8 @@ class GatewayApp:
                              health=self.health, cache=RedisPollCache(self.redis) if self.redis else None)
         self.listings = Listings(self.admission, self.authorizer, self.poller)
         self.dashboard = Dashboard(config.auth.cookie) if config.dashboard.enabled else None
+        #: `/admin/*` for operators, with `admin.api_key` only (otherwise those paths are 404s).
+        self.admin = AdminApi(config.admin.api_key, self.hub, self.metrics, clock) if config.admin.api_key else None
         self.endpoints = HttpEndpoints(self.admission, self.poller, self.health, self.http, config.upstream.base_url,
                                        self.metrics.registry, self)
         #: `/metrics` alone, for the separate `metrics.port` listener (`gateway serve` runs it).
@@ -140,6 +144,9 @@ class GatewayApp:
                     return
             elif scope["method"] == "OPTIONS" and scope["path"].startswith("/api/"):
                 await self.endpoints.preflight(scope, send)
+                return
+            elif self.admin is not None and (scope["path"] + "/").startswith(ADMIN_PREFIX + "/"):
+                await self.admin(scope, receive, send)
                 return
         elif scope["type"] == "websocket" and scope["path"] == "/ws":
             await self.ws(scope, receive, send)

@@ -258,6 +258,24 @@ class BrokerConfig(_Section):
         return tuple((host, int(port)) for host, _, port in (s.rpartition(":") for s in self.sentinels))
 
 
+#: Shortest `admin.api_key` accepted: an operator key guards every stream, so it must not be guessable.
+MIN_ADMIN_KEY_LENGTH = 32
+
+
+class AdminConfig(_Section):
+    """The operators' API under /admin (off unless `api_key` is set: then /admin/* answers 404)."""
+
+    api_key: str | None = Field(None, repr=False)
+    api_key_file: Path | None = None
+
+    @field_validator("api_key")
+    @classmethod
+    def _long_enough(cls, value: str | None) -> str | None:
+        if value is not None and len(value) < MIN_ADMIN_KEY_LENGTH:
+            raise ValueError(f"must be at least {MIN_ADMIN_KEY_LENGTH} characters (e.g. `openssl rand -hex 32`)")
+        return value
+
+
 class LoggingConfig(_Section):
     level: Literal["debug", "info", "warning", "error"] = "info"
 
@@ -273,12 +291,21 @@ class GatewayConfig(_Section):
     metrics: MetricsConfig = Field(default_factory=MetricsConfig)
     dashboard: DashboardConfig = Field(default_factory=DashboardConfig)
     broker: BrokerConfig = Field(default_factory=BrokerConfig)
+    admin: AdminConfig = Field(default_factory=AdminConfig)
     logging: LoggingConfig = Field(default_factory=LoggingConfig)
+
+    @model_validator(mode="after")
+    def _admin_key_is_its_own(self) -> GatewayConfig:
+        key = self.admin.api_key
+        if key is not None and key in (self.upstream.api_key, self.auth.jwt.secret):
+            raise ValueError("admin.api_key must differ from upstream.api_key and auth.jwt.secret")
+        return self
 
     def secrets(self) -> tuple[str, ...]:
         """Every secret value, so log and response scrubbers can look for them."""
         broker = self.broker
-        values = [self.upstream.api_key, self.auth.jwt.secret, broker.password, broker.sentinel_password]
+        values = [self.upstream.api_key, self.auth.jwt.secret, self.admin.api_key, broker.password,
+                  broker.sentinel_password]
         if broker.url:
             values.append(broker.url)
             password = urlsplit(broker.url).password
@@ -305,7 +332,7 @@ def _expand(node: Any, path: str, env: Mapping[str, str], problems: list[str]) -
 
 
 _FILE_KEYS = (("upstream", "api_key"), ("auth.jwt", "secret"), ("auth.jwt", "public_key"), ("broker", "url"),
-              ("broker", "password"), ("broker", "sentinel_password"))
+              ("broker", "password"), ("broker", "sentinel_password"), ("admin", "api_key"))
 
 
 def _read_files(data: dict[str, Any], problems: list[str]) -> None:

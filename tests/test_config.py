@@ -210,6 +210,32 @@ class TestProblems:
         assert data == before
 
 
+class TestAdmin:
+    ADMIN = "adm-" + "a" * 36
+
+    def test_off_by_default(self) -> None:
+        config = parse_config(minimal(), {})
+        assert config.admin.api_key is None and config.secrets() == (API_KEY, SECRET)
+
+    def test_key_from_env_or_file_is_a_secret(self, tmp_path: Path) -> None:
+        config = parse_config(minimal(admin={"api_key": "${ADMIN}"}), {"ADMIN": self.ADMIN})
+        assert config.admin.api_key == self.ADMIN and self.ADMIN in config.secrets()
+        assert self.ADMIN not in repr(config)
+        key = tmp_path / "admin-key"
+        key.write_text(self.ADMIN + "\n")
+        assert parse_config(minimal(admin={"api_key_file": str(key)}), {}).admin.api_key == self.ADMIN
+        both = only(minimal(admin={"api_key": self.ADMIN, "api_key_file": str(key)}))
+        assert both.startswith("admin.api_key_file:")
+
+    def test_short_shared_or_unset_keys_are_refused(self) -> None:
+        short = only(minimal(admin={"api_key": "tiny-admin-key"}))
+        assert short.startswith("admin.api_key:") and "32" in short and "tiny-admin-key" not in short
+        unset = problems(minimal(admin={"api_key": "${ADMIN}"}))
+        assert "admin.api_key: environment variable ADMIN is not set" in unset
+        assert "must differ" in only(minimal(admin={"api_key": "s" * 32}))  # the JWT secret
+        assert "must differ" in only(minimal(upstream={"api_key": self.ADMIN}, admin={"api_key": self.ADMIN}))
+
+
 class TestSecretFiles:
     def test_api_key_file(self, tmp_path: Path) -> None:
         key = tmp_path / "api-key"

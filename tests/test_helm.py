@@ -11,6 +11,7 @@ alerts' behaviour is tested by promtool: helm/tests/alerts_test.yaml).
 from __future__ import annotations
 
 import ast
+import base64
 import copy
 import functools
 import json
@@ -214,6 +215,7 @@ def test_rendered_config_is_accepted_by_the_gateway(chart: Any, values_file: Pat
         "GATEWAY_JWT_SECRET": "x" * 32,
         "REDIS_URL": "redis://127.0.0.1:6379/0",
         "REDIS_PASSWORD": "p" * 16,
+        "GATEWAY_ADMIN_API_KEY": "a" * 32,
     }
     config = gateway_config.parse_config(yaml.safe_load(configmap["data"]["gateway.yaml"]), env)
     assert config.server.host == "0.0.0.0"
@@ -240,6 +242,29 @@ def test_existing_secret_replaces_the_chart_secret(chart: Any) -> None:
     (dep,) = find(docs, "Deployment")
     env = {e["name"]: e["valueFrom"]["secretKeyRef"] for e in container(dep)["env"]}
     assert env == {"STRATIX_API_KEY": {"name": "vault-synced", "key": "api"}}
+
+
+def test_the_admin_key_reaches_the_pod_only_with_the_admin_api_on(chart: Any) -> None:
+    admin_on = {"config": {"admin": {"api_key": "${GATEWAY_ADMIN_API_KEY}"}}}
+
+    def admin_env(docs: list[dict[str, Any]]) -> Any:
+        (dep,) = find(docs, "Deployment")
+        return {e["name"]: e["valueFrom"]["secretKeyRef"] for e in container(dep)["env"]}.get("GATEWAY_ADMIN_API_KEY")
+
+    docs = render(chart)
+    assert admin_env(docs) is None and "gateway-admin-api-key" not in find(docs, "Secret")[0]["data"]
+    docs = render(chart, merge(admin_on, {"secret": {"adminApiKey": "k" * 32}}))
+    assert admin_env(docs) == {"name": f"{RELEASE}-stratix-gateway", "key": "gateway-admin-api-key"}
+    (secret,) = find(docs, "Secret")
+    assert base64.b64decode(secret["data"]["gateway-admin-api-key"]).decode() == "k" * 32
+    existing = merge(admin_on, {"secret": {"existingSecret": "ops", "keys": {"adminApiKey": "admin"}}})
+    assert admin_env(render(chart, existing)) == {"name": "ops", "key": "admin"}
+    with pytest.raises(helm.HelmRenderError, match=r"secret\.adminApiKey is empty"):
+        render(chart, admin_on)
+    with pytest.raises(helm.HelmValuesError, match=re.escape("/config/admin/api_key")):
+        render(chart, {"config": {"admin": {"api_key": "a-literal-key-in-the-values-" + "x" * 10}}})
+    with pytest.raises(helm.HelmValuesError, match=re.escape("/secret/adminApiKey")):
+        render(chart, merge(admin_on, {"secret": {"adminApiKey": "too-short"}}))
 
 
 @pytest.mark.parametrize(

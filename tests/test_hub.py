@@ -6,7 +6,7 @@ from typing import Any
 
 import pytest
 
-from gateway.codec.closes import SHUTTING_DOWN, SLOW_CONSUMER, UPSTREAM_FAILED, UPSTREAM_UNAVAILABLE
+from gateway.codec.closes import SHUTTING_DOWN, SLOW_CONSUMER, TERMINATED, UPSTREAM_FAILED, UPSTREAM_UNAVAILABLE
 from gateway.codec.events import Event
 from gateway.config import LimitsConfig
 from gateway.hub.flush import FlushQueue
@@ -428,6 +428,30 @@ class TestHubTopics:
         assert all(calls)
         with pytest.raises(StreamUnavailable):
             hub.subscribe("evaluations/new")
+
+    async def test_terminate_ends_every_subscriber_and_the_feed_and_forgets_the_stream(self) -> None:
+        hub, broker, metrics, _ = make_hub()
+        reading = hub.subscribe(KEY, consumer="alice")
+        waiting = hub.subscribe(KEY, after_id="9", consumer="bob")  # a resume still waiting for its id
+        other = hub.subscribe("evaluations/e-2")
+        topic = reading.topic
+        publish(topic, 1, 2)
+        calls = [woken(reading), woken(waiting), woken(other)]
+        assert hub.terminate(KEY) == 2
+        assert [s.close_reason for s in (reading, waiting)] == [TERMINATED, TERMINATED]
+        assert all(calls[:2]) and not calls[2] and not other.closed
+        assert waiting.continuity_lost is None and topic.pending == []  # a goodbye, not a history
+        assert topic.ended and topic.end_reason is TERMINATED
+        assert KEY not in hub.topics and topic not in hub._ended
+        await wait_for(lambda: broker.detached == [topic], timeout=2, message="the feed's detach")
+        assert sample(metrics, "gateway_upstream_streams", kind="evaluations") == 1  # e-2 only
+        hub.unsubscribe(reading)
+        hub.unsubscribe(waiting)
+        # The next subscriber gets a fresh stream (a new upstream attempt), not the operator's ending.
+        fresh = hub.subscribe(KEY)
+        assert fresh.topic is not topic and not fresh.topic.ended and fresh.topic.head == 0
+        assert broker.attached[-1] is fresh.topic
+        assert hub.terminate("evaluations/not-here") is None
 
     def test_close_keeps_the_first_reason(self) -> None:
         sub = Subscription(Topic(KEY, capacity=10), 0, 0.0)

@@ -86,3 +86,20 @@ def test_events_of_a_dropped_subscription_are_ignored() -> None:
     mux._handle(event_message("j1", 1))
     mux._handle(json.dumps({"type": "unsubscribed", "jobId": "j1"}))
     assert topics["j1"].events == [] and "j1" not in mux._upstream
+
+
+async def test_each_job_reports_its_upstream_state_for_operators() -> None:
+    mux, topics = mux_with("live", "busy", "done")
+    waiting = Topic("optimizations/new", capacity=10)
+    mux.topics["new"] = waiting  # attached, its subscribe not sent yet
+    mux._handle(json.dumps({"type": "error", "jobId": "busy",
+                            "error": {"code": "stream_already_open", "message": "x"}}))
+    mux._handle(event_message("done", 1, "job_complete"))
+    described = {job: mux.describe(topic) for job, topic in {**topics, "new": waiting}.items()}
+    assert {job: d["state"] for job, d in described.items()} == {
+        "live": "subscribed", "busy": "backing_off", "done": "ended", "new": "subscribing"}
+    assert described["busy"]["attempt"] == 1 and described["busy"]["retry_in"] >= 0
+    assert described["live"]["connection"] == {"state": "connecting", "attempt": 0, "retry_in": None}
+    stale = Topic("optimizations/live", capacity=10)  # an older topic the hub replaced
+    assert mux.describe(stale)["state"] == "ended"
+    await mux.aclose()

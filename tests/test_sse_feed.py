@@ -163,3 +163,35 @@ async def test_retries_honour_retry_after_the_retry_hint_and_read_timeouts() -> 
         "gateway_upstream_connects_total", {"kind": "evaluations", "reason": reason})
         for reason in ("initial", "http_408", "http_425", "http_429", "http_5xx", "timeout", "eof")}
     assert connects == dict.fromkeys(connects, 1.0)
+
+
+async def test_the_feed_reports_its_state_for_operators() -> None:
+    """connecting, then backing_off (attempt, next retry) after a 503, open while reading, ended after the end."""
+    seen: list[tuple[str, dict[str, Any]]] = []
+    feeds: list[SSEFeed] = []
+
+    async def body() -> AsyncIterator[bytes]:
+        seen.append(("reading", feeds[0].describe()))
+        yield event(1)
+        yield event(2, "final")
+
+    async def sleep(delay: float) -> None:
+        seen.append(("waiting", feeds[0].describe()))
+
+    upstream = Upstream(httpx.Response(503, headers={"retry-after": "2"}),
+                        httpx.Response(200, content=body(), headers={"content-type": "text/event-stream"}))
+    topic = Topic(KEY, capacity=10)
+    client = httpx.AsyncClient(transport=httpx.MockTransport(upstream))
+    config = UpstreamConfig(base_url="http://upstream.test", api_key="k" * 24, backoff_initial=0.001)
+    feed = SSEFeed(topic, client, config, Metrics(), clock=lambda: 10.0, sleep=sleep)
+    feeds.append(feed)
+    assert feed.describe()["state"] == "connecting"
+    try:
+        await feed.run()
+    finally:
+        await client.aclose()
+    assert seen == [
+        ("waiting", {"state": "backing_off", "attempt": 1, "retry_in": 2.0, "last_reconnect_reason": "http_5xx"}),
+        ("reading", {"state": "open", "attempt": 1, "retry_in": None, "last_reconnect_reason": "http_5xx"}),
+    ]
+    assert feed.describe()["state"] == "ended" and feed.describe()["retry_in"] is None

@@ -1,8 +1,14 @@
-"""Who a request comes from: its headers, its query, and its client address behind trusted proxies."""
+"""Who a request comes from, and where it was sent: headers, query, client address and own origin.
+
+Behind `server.trusted_proxies` the client address comes from `X-Forwarded-For`, and the
+origin the browser addressed (the gateway's own, always allowed) from `X-Forwarded-Proto`
+and `X-Forwarded-Host`; from any other peer those headers are ignored.
+"""
 
 from __future__ import annotations
 
 import ipaddress
+import re
 from collections.abc import Iterable, Mapping
 from urllib.parse import parse_qsl
 
@@ -38,6 +44,15 @@ class ClientAddress:
     def __init__(self, trusted_proxies: Iterable[str]) -> None:
         self._trusted = _networks(trusted_proxies)
 
+    def trusts(self, scope: Scope) -> bool:
+        """Whether the request's peer (the socket's other end) is one of the trusted proxies."""
+        client = scope.get("client")
+        return bool(self._trusted) and client is not None and self._is_trusted(str(client[0]))
+
+    def own_origin(self, scope: Scope, headers: Mapping[str, str]) -> str:
+        """The origin this request was addressed to, as the browser saw it (see `own_origin`)."""
+        return own_origin(scope, headers, forwarded=self.trusts(scope))
+
     def _is_trusted(self, address: str) -> bool:
         try:
             ip = ipaddress.ip_address(address)
@@ -55,8 +70,33 @@ class ClientAddress:
         return hops[0] if hops else peer
 
 
-def own_origin(scope: Scope, headers: Mapping[str, str]) -> str:
-    """The origin this request was addressed to (scheme and Host), which is always allowed."""
-    scheme = scope.get("scheme", "http")
-    scheme = {"ws": "http", "wss": "https"}.get(scheme, scheme)
-    return f"{scheme}://{headers.get('host', '')}"
+_HOST = re.compile(r"[A-Za-z0-9.-]+(:[0-9]{1,5})?|\[[0-9A-Fa-f:.]+\](:[0-9]{1,5})?")
+_SCHEMES = {"http": "http", "https": "https", "ws": "http", "wss": "https"}
+_DEFAULT_PORTS = {"http": "80", "https": "443"}
+_PORT = re.compile(r"(.+):([0-9]+)")
+
+
+def _last_hop(value: str | None) -> str:
+    """The value the nearest proxy set: the last of a comma-separated list (earlier ones came from farther away)."""
+    return (value or "").rsplit(",", 1)[-1].strip()
+
+
+def own_origin(scope: Scope, headers: Mapping[str, str], forwarded: bool = False) -> str:
+    """The origin this request was addressed to (scheme and Host), which is always allowed.
+
+    With `forwarded` (the peer is a trusted proxy, such as a TLS-terminating load balancer)
+    `X-Forwarded-Proto` and `X-Forwarded-Host` say what the browser used, when present and
+    well formed. A default port is left out, as browsers leave it out of `Origin`.
+    """
+    scheme = _SCHEMES.get(scope.get("scheme", "http"), "http")
+    host = headers.get("host", "")
+    if forwarded:
+        proto = _last_hop(headers.get("x-forwarded-proto")).lower()
+        scheme = _SCHEMES.get(proto, scheme)
+        forwarded_host = _last_hop(headers.get("x-forwarded-host"))
+        if _HOST.fullmatch(forwarded_host):
+            host = forwarded_host
+    explicit = _PORT.fullmatch(host)
+    if explicit is not None and explicit.group(2) == _DEFAULT_PORTS[scheme]:
+        host = explicit.group(1)
+    return f"{scheme}://{host}"

@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from gateway.auth.address import ClientAddress, own_origin
+from gateway.auth.address import ClientAddress
 from gateway.auth.authz import Authorizer
 from gateway.auth.tokens import Authenticator, Principal
 from gateway.codec.streams import StreamNameError, resource_key
@@ -143,11 +143,11 @@ class Admission:
     def origin_allowed(self, origin: str | None, scope: Scope, headers: Mapping[str, str]) -> bool:
         if origin is None:
             return True
-        return origin == own_origin(scope, headers) or origin in self._allowed
+        return origin == self.addresses.own_origin(scope, headers) or origin in self._allowed
 
     def cors_headers(self, origin: str | None, scope: Scope, headers: Mapping[str, str]) -> list[tuple[bytes, bytes]]:
         """CORS headers for a cross-origin browser that is on the allowlist (credentials included)."""
-        if origin is None or origin == own_origin(scope, headers):
+        if origin is None or origin == self.addresses.own_origin(scope, headers):
             return []
         if origin in self._allowed:
             return [(b"access-control-allow-origin", origin.encode("latin-1")),

@@ -6,6 +6,8 @@ and the upstream allows one per consumer.
 
 from __future__ import annotations
 
+from typing import Any
+
 from gateway.hub.ports import FeedRunner
 from gateway.hub.topic import Topic
 
@@ -21,3 +23,6 @@ class MemoryBroker:
 
     async def detach(self, topic: Topic) -> None:
         await self.pool.detach(topic)
+
+    async def describe(self, topic: Topic) -> dict[str, Any]:
+        return self.pool.describe(topic)

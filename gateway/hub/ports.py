@@ -7,7 +7,7 @@ subscribers only as a cursor plus callbacks (`Subscription`); an upstream feed k
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from gateway.codec.closes import CloseReason
 from gateway.codec.events import Event
@@ -24,6 +24,9 @@ class Broker(Protocol):
 
     async def detach(self, topic: Topic) -> None:
         """Stop feeding `topic` (its last subscriber left and `linger` passed, or the hub closes)."""
+
+    async def describe(self, topic: Topic) -> dict[str, Any]:
+        """The upstream side of `topic` for operators: its feed's state and, shared, who holds the stream."""
 
 
 class FeedTarget(Protocol):
@@ -63,6 +66,9 @@ class FeedRunner(Protocol):
     def attach(self, target: FeedTarget) -> None: ...
 
     async def detach(self, target: FeedTarget) -> None: ...
+
+    def describe(self, target: FeedTarget) -> dict[str, Any]:
+        """The state of `target`'s upstream feed (`{"state": "connecting" | "open" | ..., ...}`)."""
 
 
 class StreamUnavailable(Exception):

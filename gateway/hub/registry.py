@@ -13,7 +13,7 @@ import logging
 import time
 from collections.abc import Callable, Iterable
 
-from gateway.codec.closes import SHUTTING_DOWN, SLOW_CONSUMER, CloseReason
+from gateway.codec.closes import SHUTTING_DOWN, SLOW_CONSUMER, TERMINATED, CloseReason
 from gateway.config import LimitsConfig
 from gateway.hub.flush import FlushQueue
 from gateway.hub.ports import Broker, StreamUnavailable
@@ -103,6 +103,25 @@ class Hub:
         delay = self.limits.history_ttl if topic.ended else self.limits.linger
         loop = asyncio.get_running_loop()
         topic.linger_handle = loop.call_later(delay, self._expire, topic)
+
+    def terminate(self, key: str, reason: CloseReason = TERMINATED) -> int | None:
+        """End the stream `key` now for every subscriber with `reason`, and stop its upstream feed.
+
+        The topic leaves the registry at once, its history with it, so whoever subscribes next
+        starts a fresh upstream attempt rather than being served this ending (`terminated` asks
+        no browser to reconnect; one that does anyway gets a new stream). Returns how many
+        subscribers were told, or None when this hub has no such stream.
+        """
+        topic = self.topics.get(key)
+        if topic is None:
+            return None
+        subscribers = list(topic.subscribers)
+        self._retire(topic)  # stops counting it and detaches its feed
+        for sub in subscribers:
+            sub.close(reason)
+        topic.pending.clear()  # closed: nobody waits for a resume id any more
+        topic.end(reason, "an operator ended the stream")
+        return len(subscribers)
 
     def _expire(self, topic: Topic) -> None:
         topic.linger_handle = None

@@ -29,7 +29,7 @@ class Subscription:
     __slots__ = (
         "abort", "close_reason", "closed", "consumer", "continuity_lost", "cursor", "direct", "failed",
         "last_delivery", "last_write", "resume_id", "sending_since", "sent_bytes", "sent_events",
-        "tally", "topic", "wake", "ws",
+        "tally", "topic", "transport", "wake", "ws",
     )
 
     def __init__(self, topic: Topic, cursor: int, now: float, consumer: str = "") -> None:
@@ -51,6 +51,8 @@ class Subscription:
         self.direct: DirectOutput | None = None
         #: Direct writes take the WebSocket frames (`Event.ws_frame`) rather than SSE's.
         self.ws = False
+        #: Which transport serves it (`sse`, `ws`), set by its owner once it streams; for the admin API.
+        self.transport = ""
         self.tally: DeliveryTally | None = None
         self.sent_events = 0
         self.sent_bytes = 0

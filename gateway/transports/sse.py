@@ -162,6 +162,7 @@ class _Stream:
         sub.abort = self.abort
         sub.direct = out  # the topic's pass may write the joined frames itself (see `Topic.flush`)
         sub.tally = owner.deliveries
+        sub.transport = "sse"
         self.expiry = owner.expiries.schedule(self.valid_until, self.expire)
         owner.metrics.subscribers.labels("sse", sub.topic.kind).inc()
         # Jittered reconnect delay so a gateway restart does not bring every browser back at once.

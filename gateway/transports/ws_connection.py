@@ -189,6 +189,7 @@ class WSConnection(FrameWriter):
         sub = watch.sub
         sub.wake = self._on_wake
         sub.abort = self._abort
+        sub.transport = "ws"
         if self.frames is not None:
             # The topic's pass may write this subscription's frames itself while the writer is parked.
             sub.direct, sub.ws, sub.tally = self, True, owner.deliveries

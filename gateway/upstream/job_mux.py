@@ -93,6 +93,8 @@ class OptimizationMux:
         self._task: asyncio.Task[None] | None = None
         self._timers: set[asyncio.TimerHandle] = set()
         self.connected = asyncio.Event()
+        #: When the connection's next attempt is due (`clock`) while it backs off after a failure.
+        self._reconnect_at: float | None = None
 
     # -- the broker side --------------------------------------------------------------------------
 
@@ -121,6 +123,35 @@ class OptimizationMux:
         if task is not None and not task.done():
             task.cancel()
             await asyncio.gather(task, return_exceptions=True)
+
+    def describe(self, topic: FeedTarget) -> dict[str, Any]:
+        """One job's upstream state for the admin API: subscribing, subscribed, backing_off or ended.
+
+        A job backs off when the upstream refused its subscription for now (`stream_already_open`)
+        or when the shared connection itself is down; `connection` says which.
+        """
+        job_id = topic.resource_id
+        now = self.clock()
+        reconnect_at = self._reconnect_at if not self.connected.is_set() else None
+        connection = {"state": "open" if self.connected.is_set() else
+                      ("backing_off" if reconnect_at is not None else "connecting"),
+                      "attempt": self.backoff.attempt,
+                      "retry_in": None if reconnect_at is None else round(max(0.0, reconnect_at - now), 3)}
+        entry = self._upstream.get(job_id)
+        retry_at = self._retry_at.get(job_id)
+        retry_in: float | None = None
+        if topic.ended or self.topics.get(job_id) is not topic:
+            state = "ended"
+        elif entry is not None and entry[1] is topic and entry[0] != "unsubscribing":
+            state = entry[0]
+        elif retry_at is not None or reconnect_at is not None:
+            state = "backing_off"
+            retry_in = round(max(0.0, (retry_at if retry_at is not None else reconnect_at or now) - now), 3)
+        else:
+            state = "subscribing"
+        backoff = self._job_backoff.get(job_id)
+        return {"state": state, "attempt": backoff.attempt if backoff is not None else 0, "retry_in": retry_in,
+                "connection": connection}
 
     def _live(self) -> bool:
         return any(not topic.ended for topic in self.topics.values())
@@ -170,7 +201,11 @@ class OptimizationMux:
             delay = self.backoff.next(floor)
             log.info("upstream reconnect scheduled", extra={
                 "stream_kind": KIND, "reason": reason, "delay": round(delay, 3), "attempt": self.backoff.attempt})
-            await asyncio.sleep(delay)
+            self._reconnect_at = self.clock() + delay
+            try:
+                await asyncio.sleep(delay)
+            finally:
+                self._reconnect_at = None
 
     async def _connect_once(self) -> None:
         """One connection's life: returns when no job is live, raises when the connection fails."""

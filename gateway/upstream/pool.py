@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable
+from typing import Any
 
 import httpx
 
@@ -42,6 +43,8 @@ class UpstreamPool:
         #: Keyed by the fed object itself: in shared mode a replica can lose and retake a lease, and
         #: the old feed's teardown must never cancel the new one for the same resource.
         self._tasks: dict[object, asyncio.Task[None]] = {}
+        #: The running feed of each target, for `describe`.
+        self._feeds: dict[object, SSEFeed] = {}
         #: Optimization jobs share one upstream WebSocket instead of a feed each.
         self.mux = OptimizationMux(config, metrics, clock, health=self.health)
 
@@ -57,8 +60,10 @@ class UpstreamPool:
         opened_by = request_id.get()
         request_id.set(new_request_id())
         log.info("upstream feed started", extra={"stream_kind": topic.kind, "opened_by": opened_by})
+        feed: SSEFeed | None = None
         try:
-            feed = SSEFeed(topic, self.client, self.config, self.metrics, self.clock, health=self.health)
+            feed = self._feeds[topic] = SSEFeed(topic, self.client, self.config, self.metrics, self.clock,
+                                                health=self.health)
             await feed.run()
         except asyncio.CancelledError:
             raise
@@ -68,6 +73,19 @@ class UpstreamPool:
         finally:
             if self._tasks.get(topic) is asyncio.current_task():
                 del self._tasks[topic]
+            if feed is not None and self._feeds.get(topic) is feed:
+                del self._feeds[topic]
+
+    def describe(self, target: FeedTarget) -> dict[str, Any]:
+        """The upstream state of `target`'s feed (see `SSEFeed.describe`, `OptimizationMux.describe`)."""
+        if target.kind == JOB_KIND:
+            return self.mux.describe(target)
+        feed = self._feeds.get(target)
+        if feed is not None:
+            return feed.describe()
+        if target in self._tasks and not target.ended:
+            return {"state": "connecting", "attempt": 0, "retry_in": None}  # its task has not started yet
+        return {"state": "ended"}
 
     async def detach(self, topic: FeedTarget) -> None:
         if topic.kind == JOB_KIND:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Awaitable, Callable
+from typing import Any, Literal
 
 import httpx
 
@@ -29,6 +30,8 @@ from gateway.upstream.health import UpstreamHealth
 log = logging.getLogger("gateway.upstream")
 
 _RETRYABLE = RETRYABLE_STATUS
+
+FeedState = Literal["connecting", "open", "backing_off", "ended"]
 
 
 class FeedError(Exception):
@@ -62,12 +65,29 @@ class SSEFeed:
         self.retry_hint: float = 0.0
         self.upstream_ids = True
         self.connected = asyncio.Event()
+        #: What the feed is doing, for operators (`describe`); `retry_at` is on `clock` while backing off.
+        self.state: FeedState = "connecting"
+        self.retry_at: float | None = None
+        self.last_reason: str | None = None
+
+    def describe(self) -> dict[str, Any]:
+        """The feed's state for the admin API: connecting, open, backing_off (attempt, next retry) or ended."""
+        retry_in = None if self.retry_at is None else round(max(0.0, self.retry_at - self.clock()), 3)
+        return {"state": "ended" if self.topic.ended else self.state, "attempt": self.backoff.attempt,
+                "retry_in": retry_in, "last_reconnect_reason": self.last_reason}
 
     async def run(self) -> None:
+        try:
+            await self._run()
+        finally:
+            self.state, self.retry_at = "ended", None
+
+    async def _run(self) -> None:
         reason = "initial"
         topic = self.topic
         while not topic.ended:
             self.metrics.upstream_connects.labels(topic.kind, reason).inc()
+            self.state, self.retry_at = "connecting", None
             delay_floor = 0.0
             try:
                 published = await self._connect_once()
@@ -94,6 +114,7 @@ class SSEFeed:
             log.info("upstream reconnect scheduled", extra={
                 "stream_kind": topic.kind, "reason": reason, "delay": round(delay, 3),
                 "attempt": self.backoff.attempt})
+            self.state, self.retry_at, self.last_reason = "backing_off", self.clock() + delay, reason
             await self.sleep(delay)
 
     async def _connect_once(self) -> int:
@@ -120,6 +141,7 @@ class SSEFeed:
                     raise _Retry(f"http_{status if status < 500 else '5xx'}", retry_after)
                 raise FeedError(f"upstream answered {status}" + (f" ({code})" if code else ""))
             self.connected.set()
+            self.state = "open"
             log.info("upstream connected", extra={
                 "stream_kind": self.topic.kind, "resume": b"last-event-id" in headers,
                 "attempt": self.backoff.attempt})

@@ -94,6 +94,11 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- end }}
 {{- end }}
 
+{{/* True ("true") when the operators' /admin API is on (config.admin.api_key set): the pod then gets GATEWAY_ADMIN_API_KEY. */}}
+{{- define "stratix-gateway.adminEnabled" -}}
+{{- if (.Values.config.admin | default dict).api_key }}true{{ end }}
+{{- end }}
+
 {{/* True ("true") when more than one pod can run at once outside a rollout. */}}
 {{- define "stratix-gateway.multiReplica" -}}
 {{- if or (gt (.Values.replicaCount | int) 1) .Values.autoscaling.enabled }}true{{ end }}
@@ -128,6 +133,14 @@ so `helm install`, `helm template` and `helm lint` all stop with the message.
 {{- if not .Values.secret.keys.redisUrl }}
 {{- fail "\nconfig.broker.kind is redis: secret.keys.redisUrl must name the Secret key holding the Redis URL." }}
 {{- end }}
+{{- end }}
+{{- end }}
+{{- if include "stratix-gateway.adminEnabled" . }}
+{{- if not .Values.secret.keys.adminApiKey }}
+{{- fail "\nconfig.admin.api_key is set: secret.keys.adminApiKey must name the Secret key holding the admin key." }}
+{{- end }}
+{{- if and (not .Values.secret.existingSecret) (not .Values.secret.adminApiKey) }}
+{{- fail "\nconfig.admin.api_key is set but secret.adminApiKey is empty: pass the admin key (at least 32 characters) with --set secret.adminApiKey=..., or keep it in secret.existingSecret under secret.keys.adminApiKey." }}
 {{- end }}
 {{- end }}
 {{- $floor := add (.Values.rollout.preStopSeconds | int) (include "stratix-gateway.drainSeconds" . | int) }}

@@ -32,6 +32,8 @@ import time
 from collections.abc import Callable, Coroutine
 from typing import Any
 
+from redis.exceptions import RedisError
+
 from gateway.broker.redis.client import Notices, RedisClient
 from gateway.broker.redis.session import StreamSession
 from gateway.config import BrokerConfig, LimitsConfig
@@ -100,6 +102,26 @@ class RedisBroker:
             return
         del self._sessions[topic.key]
         await session.aclose()
+
+    async def describe(self, topic: Topic) -> dict[str, Any]:
+        """For the admin API: this replica's feed of `topic` if it holds the lease, else who does.
+
+        The lease value is `<replica_id>:<fence>:<nonce>` (`scripts.ACQUIRE`); `holder` is None when
+        nobody holds it (between holders) or Redis cannot be asked.
+        """
+        session = self._sessions.get(topic.key)
+        sink = session.sink if session is not None and session.topic is topic else None
+        if sink is not None:
+            return {**self.pool.describe(sink), "replica": self.replica_id, "holder": self.replica_id,
+                    "holds_lease": True}
+        client = self.client
+        try:
+            value: Any = await client.call(lambda: client.redis.get(client.keys.lease(topic.key)))
+        except (RedisError, OSError):
+            value = None
+        holder = str(value).partition(":")[0] if value else None
+        state = "ended" if topic.ended else ("remote" if holder else "connecting")
+        return {"state": state, "replica": self.replica_id, "holder": holder, "holds_lease": False}
 
     async def aclose(self) -> None:
         sessions = list(self._sessions.values())
