@@ -1,9 +1,10 @@
 """The gateway as one ASGI application, built from a config with every dependency injected.
 
 Stream paths go straight to the raw SSE endpoint (the hot path); everything else
-(polling, health, metrics, WebSocket, dashboard) is a small Starlette app. Lifespan
-starts the hub's clock; `begin_drain` (called on SIGTERM) makes readiness fail and tells
-every stream to reconnect elsewhere, so the server's own shutdown finds nothing to wait for.
+(polling, health, metrics, WebSocket, dashboard, browser client library) is a small
+Starlette app. Lifespan starts the hub's clock; `begin_drain` (called on SIGTERM) makes
+readiness fail and tells every stream to reconnect elsewhere, so the server's own shutdown
+finds nothing to wait for.
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ from gateway.limits.exclusive import ExclusiveStreams
 from gateway.limits.quota import StreamQuota
 from gateway.logs import RequestIdMiddleware
 from gateway.metrics import Metrics, MetricsApp
+from gateway.transports.client_library import ClientLibrary
 from gateway.transports.dashboard import Dashboard
 from gateway.transports.ending import Expiries
 from gateway.transports.http import HttpEndpoints, http_error, server_error
@@ -98,6 +100,7 @@ class GatewayApp:
                              health=self.health, cache=RedisPollCache(self.redis) if self.redis else None)
         self.listings = Listings(self.admission, self.authorizer, self.poller)
         self.dashboard = Dashboard(config.auth.cookie) if config.dashboard.enabled else None
+        self.client_library = ClientLibrary()  # always: browsers of any app use it, dashboard or not
         self.endpoints = HttpEndpoints(self.admission, self.poller, self.health, self.http, config.upstream.base_url,
                                        self.metrics.registry, self)
         #: `/metrics` alone, for the separate `metrics.port` listener (`gateway serve` runs it).
@@ -118,6 +121,7 @@ class GatewayApp:
             Route("/readyz", endpoints.readyz),
             *(Route(f"/api/v1/{kind}", self.listings.endpoint, methods=["GET"]) for kind in LISTABLE_KINDS),
             Route("/api/v1/{kind:str}/{resource_id:str}", endpoints.poll, methods=["GET"]),
+            *self.client_library.routes(),
         ]
         if self.config.metrics.enabled and self.config.metrics.port is None:
             routes.append(Route("/metrics", endpoints.metrics))
