@@ -31,6 +31,9 @@ async def test_served_without_the_dashboard_with_public_code_headers(sim: Sim, g
             etag = response.headers["etag"]
             again = await client.get(f"{gateway.url}/client/{name}", headers={"If-None-Match": f'"x", W/{etag}'})
             assert again.status_code == 304 and again.content == b"" and again.headers["etag"] == etag
+            for if_none_match, status in (("*", 304), ('"stale"', 200)):
+                answer = await client.get(f"{gateway.url}/client/{name}", headers={"If-None-Match": if_none_match})
+                assert answer.status_code == status, if_none_match
             head = await client.head(f"{gateway.url}/client/{name}")
             assert head.status_code == 200 and head.content == b""
         assert (await client.get(gateway.url + "/client/gateway-client.js")).headers["content-type"] == (

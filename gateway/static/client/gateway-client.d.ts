@@ -48,8 +48,8 @@ export interface ClientOptions {
   pollIntervalMs?: number;
   /** WebSocket: refresh the token this long before `exp`, at most a fifth of its lifetime (default 30 000). */
   refreshLeadMs?: number;
-  /** SSE: reconnect when nothing (not even a heartbeat) arrived for this long; 0 disables (default 45 000,
-   *  three of the gateway's default 15 s heartbeats: keep it above 3 x `limits.heartbeat`). */
+  /** SSE: reconnect when nothing (not even a heartbeat) arrived for this long; 0 disables (default 60 000,
+   *  four of the gateway's default 15 s heartbeats: keep it above 3 x `limits.heartbeat`). */
   idleTimeoutMs?: number;
   /** WebSocket: send a `ping` this often; nothing heard for two intervals reconnects (default 25 000). */
   pingIntervalMs?: number;

@@ -22,7 +22,7 @@ const DEFAULTS = Object.freeze({
   backoff: Object.freeze({ baseMs: 500, capMs: 30000, giveUpMs: 300000 }),
   pollIntervalMs: 3000, // between two polls after inactivity_timeout
   refreshLeadMs: 30000, // refresh this long before exp (at most a fifth of the token's lifetime)
-  idleTimeoutMs: 45000, // SSE: no byte for this long (three missed heartbeats) means a dead connection
+  idleTimeoutMs: 60000, // SSE: no byte for this long (4 of the gateway's 15 s heartbeats) means a dead connection
   pingIntervalMs: 25000, // WebSocket: a ping this often; nothing heard for two intervals means dead
 });
 const KINDS = ["evaluations", "trace-evaluations", "optimizations"];
@@ -36,8 +36,7 @@ const MAX_TIMER_MS = 2 ** 31 - 1; // setTimeout fires at once beyond this
 
 /** Whether a WebSocket close code asks the client to reconnect (the gateway's catalogue, RFC 6455 otherwise). */
 export function closeReconnects(code) {
-  if (code >= 4100 && code <= 4199) return false;
-  return code !== 1008 && code !== 1009 && code !== 4403;
+  return !(code >= 4100 && code <= 4199) && code !== 1008 && code !== 1009 && code !== 4403;
 }
 
 /** The claims of a JWT, decoded without verification (only `exp` and `iat` are used), or null. */
@@ -341,12 +340,8 @@ class SSESubscription extends Subscription {
   async _connect() {
     const controller = new AbortController();
     this._controller = controller;
-    let outcome;
-    try {
-      outcome = await this._read(controller);
-    } catch (error) {
-      outcome = { code: "network_error", reconnect: true, message: String(error?.message || error) };
-    }
+    const outcome = await this._read(controller).catch((error) => (
+      { code: "network_error", reconnect: true, message: String(error?.message || error) }));
     if (this._controller !== controller) return; // ended meanwhile (terminal event, close(), reopen())
     this._controller = null;
     if (outcome) this._ended(outcome);
@@ -554,10 +549,9 @@ class Socket {
     } else if (msg.type === "error") {
       this.error(sub, asObject(msg.error));
     } else if (msg.type === "refreshed") {
-      const token = this.pending;
-      this.pending = null;
       call(this.options.onSocket, { type: "refreshed", exp: msg.exp });
-      this.armRefresh(token);
+      this.armRefresh(this.pending); // the token the gateway took
+      this.pending = null;
     }
   }
 
