@@ -323,7 +323,9 @@ async def test_websocket_refreshes_its_token_before_exp_without_reconnecting(sim
     assert counts["sockets"] == 1 and [event["type"] for event in counts["socket"]].count("open") == 1
     assert not any(event["type"] == "close" for event in counts["socket"])  # outlived its first 3 s token
     refreshed = [event for event in counts["socket"] if event["type"] == "refreshed"]
-    assert len(refreshed) >= 2 and counts["tokens"] == 1 + len(refreshed) == served.harness.minted
+    assert len(refreshed) >= 2 and not any(event["type"] == "refresh_refused" for event in counts["socket"])
+    # One token to connect, one per refresh (plus, rarely, one whose refresh was under way when the stream ended).
+    assert counts["tokens"] == served.harness.minted and counts["tokens"] - 1 - len(refreshed) in (0, 1)
     assert refreshed == sorted(refreshed, key=lambda event: event["exp"])
     assert states(rec) == ["connecting", "live", "ended"]
 
@@ -371,14 +373,14 @@ async def test_superseded_stops_without_reconnecting(sim: Sim, browser: Browser,
 @pytest.mark.parametrize("transport", ["sse", "ws"])
 async def test_inactivity_switches_to_polling_until_finished(sim: Sim, browser: Browser, transport: str) -> None:
     stream = f"evaluations/e-idle-{transport}"
-    # Four events two seconds apart (no rows): the gateway closes the stream after one quiet second.
-    await sim.post("/_sim/configure", {"resource": stream, "rows": 0, "interval": 2.0})
+    # Four events 2.5 s apart (no rows): the gateway closes the stream after one quiet second.
+    await sim.post("/_sim/configure", {"resource": stream, "rows": 0, "interval": 2.5})
     async with harnessed(sim.url, limits={"inactivity_timeout": 1, "heartbeat": 0.25, "poll_cache_ttl": 0.2}) as served:
         page = await open_harness(browser, served.url)
         await make_client(page, "a", user="alice", pollIntervalMs=300)
         await watch(page, "a", stream, transport=transport)
         await wait_state(page, "a", stream, "polling", timeout=5000)
-        await wait_state(page, "a", stream, "ended", timeout=10000)
+        await wait_state(page, "a", stream, "ended", timeout=12000)
         rec = await record(page, "a", stream)
     assert ["polling", "inactivity_timeout"] in rec["states"] and rec["closes"] == []
     assert states(rec)[-2:] == ["polling", "ended"]
