@@ -1,9 +1,10 @@
 """The gateway as one ASGI application, built from a config with every dependency injected.
 
 Stream paths go straight to the raw SSE endpoint (the hot path); everything else
-(polling, health, metrics, WebSocket, dashboard) is a small Starlette app. Lifespan
-starts the hub's clock; `begin_drain` (called on SIGTERM) makes readiness fail and tells
-every stream to reconnect elsewhere, so the server's own shutdown finds nothing to wait for.
+(polling, health, metrics, WebSocket, dashboard, browser client library) is a small
+Starlette app. Lifespan starts the hub's clock; `begin_drain` (called on SIGTERM) makes
+readiness fail and tells every stream to reconnect elsewhere, so the server's own shutdown
+finds nothing to wait for.
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ from gateway.logs import RequestIdMiddleware
 from gateway.metrics import Metrics, MetricsApp
 from gateway.transports.admin import PREFIX as ADMIN_PREFIX
 from gateway.transports.admin import AdminApi
+from gateway.transports.client_library import ClientLibrary
 from gateway.transports.dashboard import Dashboard
 from gateway.transports.ending import Expiries
 from gateway.transports.http import HttpEndpoints, http_error, server_error
@@ -105,6 +107,7 @@ class GatewayApp:
         self.dashboard = Dashboard(config.auth.cookie) if config.dashboard.enabled else None
         #: `/admin/*` for operators, with `admin.api_key` only (otherwise those paths are 404s).
         self.admin = AdminApi(config.admin.api_key, self.hub, self.metrics, clock) if config.admin.api_key else None
+        self.client_library = ClientLibrary()  # always: browsers of any app use it, dashboard or not
         self.endpoints = HttpEndpoints(self.admission, self.poller, self.health, self.http, config.upstream.base_url,
                                        self.metrics.registry, self)
         #: `/metrics` alone, for the separate `metrics.port` listener (`gateway serve` runs it).
@@ -125,6 +128,7 @@ class GatewayApp:
             Route("/readyz", endpoints.readyz),
             *(Route(f"/api/v1/{kind}", self.listings.endpoint, methods=["GET"]) for kind in LISTABLE_KINDS),
             Route("/api/v1/{kind:str}/{resource_id:str}", endpoints.poll, methods=["GET"]),
+            *self.client_library.routes(),
         ]
         if self.config.metrics.enabled and self.config.metrics.port is None:
             routes.append(Route("/metrics", endpoints.metrics))

@@ -97,15 +97,16 @@ def server_protocols(direct: bool = True) -> dict[str, Any]:
     return {"http": "h11", "ws": "websockets-sansio"}
 
 
-def reserved_socket() -> socket.socket:
-    """A loopback socket bound to a port the OS picked, not listening (connections are refused).
+def reserved_socket(port: int = 0) -> socket.socket:
+    """A loopback socket bound to `port` (0: one the OS picks), not listening (connections are refused).
 
     Pass it to `serve(..., sock=)` later to listen on that very port: nothing else can take it
-    in between, unlike a port number picked, released and bound again.
+    in between, unlike a port number picked, released and bound again. A given `port` binds a
+    stopped server's port again (a restart on the same address).
     """
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind(("127.0.0.1", 0))
+    sock.bind(("127.0.0.1", port))
     return sock
 
 

@@ -4,6 +4,8 @@ Plain files from `gateway/static`, read once at startup and served from memory (
 system access per request, no path to traverse). The page is a reference browser client:
 it authenticates with the session cookie only, so a strict Content-Security-Policy and
 `Referrer-Policy: no-referrer` keep it from loading or leaking anything off the gateway.
+Its `app.js` is a module that imports the browser client library from the same origin
+(`/client/gateway-client.js`, served always by `transports.client_library`).
 """
 
 from __future__ import annotations
