@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from typing import Any
 
 import pytest
@@ -146,3 +147,29 @@ async def test_a_claim_cancelled_midway_releases_everything() -> None:
         await claiming
     assert hold.released and admission.quota.held("alice") == 0
     assert not hub.topics["evaluations/e1"].subscribers
+
+
+async def test_a_verified_token_is_remembered_until_it_expires() -> None:
+    """A reconnect with the same token costs a lookup, not a signature check; expiry still applies."""
+    clock = [time.time()]
+    auth = AuthConfig(jwt=JWTConfig(secret=SECRET, leeway=0))
+    authenticator = Authenticator(auth, clock=lambda: clock[0])
+    token = mint_token(SECRET, "HS256", "alice", 60, {"streams": ["*/*"]}, clock=lambda: clock[0])
+    calls = []
+    real = authenticator._verify
+
+    async def counting(value: str) -> Any:
+        calls.append(value)
+        return await real(value)
+
+    authenticator._verify = counting  # type: ignore[method-assign]
+    first = await authenticator.authenticate(token)
+    second = await authenticator.authenticate(token)
+    assert second is first and len(calls) == 1
+    tampered = token[:-2] + ("AA" if not token.endswith("AA") else "BB")
+    with pytest.raises(AuthError):
+        await authenticator.authenticate(tampered)  # another token: verified (and refused), never the cached one
+    calls.clear()
+    clock[0] += 61
+    await authenticator.authenticate(token)  # past its exp by the cache's clock: never served from the cache
+    assert calls == [token]

@@ -10,7 +10,9 @@ unknown `kid` at most once per `jwks_min_refresh_interval`.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from http.cookies import CookieError, SimpleCookie
@@ -59,6 +61,10 @@ _JWT_ERRORS: tuple[tuple[type[Exception], str, str], ...] = (
 )
 
 
+#: Verified tokens remembered at most (about 200 bytes each, claims shared with their principal).
+VERIFIED_CACHE_SIZE = 65536
+
+
 class Authenticator:
     """Verifies session tokens against the configured key material."""
 
@@ -73,6 +79,8 @@ class Authenticator:
         self._jwks: dict[str, jwt.PyJWK] = {}
         self._jwks_fetched_at = 0.0
         self._jwks_lock = asyncio.Lock()
+        #: Verified tokens by digest, oldest first (see `authenticate`).
+        self._verified: OrderedDict[bytes, Principal] = OrderedDict()
         self._prepare_static_keys()
 
     def _prepare_static_keys(self) -> None:
@@ -115,9 +123,28 @@ class Authenticator:
         raise AuthError("a session token is required", reason="missing_token", code="missing_token")
 
     async def authenticate(self, token: str) -> Principal:
-        """Verify `token` and return its principal, or raise AuthError (401)."""
+        """Verify `token` and return its principal, or raise AuthError (401).
+
+        A verified token is remembered (by a digest of the whole token) until it expires, so a
+        browser that reconnects with the same token, in a reconnect storm say, costs a
+        dictionary lookup instead of a signature check.
+        """
         if len(token) > self.jwt.max_token_bytes:
             raise _invalid("too_large", "token is too large")
+        digest = hashlib.blake2b(token.encode("utf-8", "surrogatepass"), digest_size=20).digest()
+        cached = self._verified.get(digest)
+        if cached is not None:
+            if cached.valid_until > self.clock():
+                self._verified.move_to_end(digest)
+                return cached
+            del self._verified[digest]
+        principal = await self._verify(token)
+        self._verified[digest] = principal
+        if len(self._verified) > VERIFIED_CACHE_SIZE:
+            self._verified.popitem(last=False)
+        return principal
+
+    async def _verify(self, token: str) -> Principal:
         try:
             header = jwt.get_unverified_header(token)
         except jwt.DecodeError:

@@ -24,7 +24,7 @@ from gateway.auth.address import header_map, query_value
 from gateway.auth.admission import Admission, ConnectionHold, StreamHold, validate_resource
 from gateway.codec.closes import CLOSE_EVENT, CONTINUITY_LOST_EVENT, TOKEN_EXPIRED
 from gateway.codec.sse import encode_comment, encode_event, encode_retry
-from gateway.codec.streams import resume_id
+from gateway.codec.streams import KINDS, resume_id
 from gateway.config import LimitsConfig
 from gateway.errors import GatewayError, respond
 from gateway.logs import new_request_id, request_id
@@ -70,6 +70,8 @@ class SSEStreams:
         self.clock = clock
         self.flushes = self.hub.flushes
         self.deliveries = Deliveries(metrics.frames_sent.labels("sse"), metrics.fanout_delay, clock)
+        #: The subscriber gauge's children, looked up once rather than per stream.
+        self.subscribers = {kind: metrics.subscribers.labels("sse", kind) for kind in KINDS}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send, kind: str, resource_id: str) -> None:
         token = request_id.set(new_request_id())
@@ -136,7 +138,8 @@ class _Stream:
     async def run(self, scope: Scope, receive: Receive, send: Send, headers: list[tuple[bytes, bytes]],
                   after_id: str | None) -> None:
         """Start writing; returns at once on a direct socket, or when the stream ends over `send`."""
-        log.info("stream opened", extra={"transport": "sse", "stream_kind": self.sub.topic.kind,
+        # Per-stream lines are debug: at info, a reconnect storm would spend its time writing logs.
+        log.debug("stream opened", extra={"transport": "sse", "stream_kind": self.sub.topic.kind,
                                          "resume": after_id is not None})
         detach = detacher(scope)
         try:
@@ -164,7 +167,7 @@ class _Stream:
         sub.tally = owner.deliveries
         sub.transport = "sse"
         self.expiry = owner.expiries.schedule(self.valid_until, self.expire)
-        owner.metrics.subscribers.labels("sse", sub.topic.kind).inc()
+        owner.subscribers[sub.topic.kind].inc()
         # Jittered reconnect delay so a gateway restart does not bring every browser back at once.
         out.write(encode_retry(random.randint(1000, 5000)))
         self.flush()
@@ -265,7 +268,7 @@ class _Stream:
         if self.expiry is not None:
             self.expiry.cancel()
         if self.out is not None:
-            owner.metrics.subscribers.labels("sse", sub.topic.kind).dec()
+            owner.subscribers[sub.topic.kind].dec()
         self.hold.release()
         self.connection.release()
         if reason is not None:
@@ -274,7 +277,7 @@ class _Stream:
             owner.metrics.slow_consumers.inc()
         token = request_id.set(self.rid)
         try:
-            log.info("stream closed", extra={
+            log.debug("stream closed", extra={
                 "transport": "sse", "stream_kind": sub.topic.kind, "duration": round(owner.clock() - self.started, 3),
                 "bytes": sub.sent_bytes, "events": sub.sent_events, "close_code": code})
         finally:

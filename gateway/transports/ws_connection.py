@@ -105,7 +105,7 @@ class WSConnection(FrameWriter):
         reader = loop.create_task(self._read())
         writer = self._writer = loop.create_task(self._write())
         started = self.clock()
-        log.info("websocket opened", extra={"transport": "ws"})
+        log.debug("websocket opened", extra={"transport": "ws"})
         try:
             done, pending = await asyncio.wait({reader, writer}, return_when=asyncio.FIRST_COMPLETED)
             for task in pending:
@@ -122,7 +122,7 @@ class WSConnection(FrameWriter):
                 task.cancel()
             for stream in list(self.subs):
                 self._remove(stream)
-            log.info("websocket closed", extra={
+            log.debug("websocket closed", extra={
                 "transport": "ws", "duration": round(self.clock() - started, 3), "events": self.events_sent,
                 "bytes": self.bytes_sent,
                 "close_code": self.close_code if self.close_code is not None else "client_closed"})
