@@ -162,6 +162,7 @@ class GatewayApp:
         del app
         loop = asyncio.get_running_loop()
         self._background.append(loop.create_task(self.hub.run_ticker()))
+        self._background.append(loop.create_task(self.ws.run_keepalive()))
         if self.rechecker is not None:
             self._background.append(loop.create_task(self.rechecker.run()))
         if self.redis is not None:

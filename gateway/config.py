@@ -187,6 +187,9 @@ class WebSocketConfig(_Section):
     max_message_bytes: int = Field(4096, ge=64)
     messages_per_second: float = Field(20.0, gt=0)
     message_burst: int = Field(40, ge=1)
+    #: Seconds of silence from a client before the gateway pings it, and how long the ping may go unanswered.
+    ping_interval: PositiveSeconds = 20.0
+    ping_timeout: PositiveSeconds = 20.0
 
 
 class MetricsConfig(_Section):

@@ -29,8 +29,8 @@ HTTP_METHODS = {"on_headers_complete", "_unset_keepalive_if_required", "data_rec
                 "connection_lost", "shutdown"}
 CYCLE_STATE = {"response_started", "response_complete", "keep_alive"}
 WS_STATE = {"conn", "handshake_complete", "close_sent", "disconnected", "writable", "request", "response",
-            "scope", "transport"}
-WS_METHODS = {"handle_connect", "send", "pause_writing", "resume_writing", "connection_lost"}
+            "scope", "transport", "queue", "connections", "close_timer", "read_paused", "frames"}
+WS_METHODS = {"handle_connect", "stop_keepalive"}
 
 
 class FakeTransport:
@@ -102,14 +102,17 @@ async def test_the_websocket_protocol_state_direct_touches_exists() -> None:
     config.load()
     protocol = direct.DirectWebSocketProtocol(config=config, server_state=ServerState(), app_state={})
     protocol.connection_made(FakeTransport())  # type: ignore[arg-type]
-    ours = set(vars(direct.DirectWebSocketProtocol)) | {"_writable_callback"}
+    ours = set(vars(direct.DirectWebSocketProtocol))
     used = _self_attributes("DirectWebSocketProtocol") - ours
     assert used <= WS_STATE | WS_METHODS, f"direct.py uses uvicorn names this canary does not list: {used}"
     for name in WS_STATE - {"scope", "request", "response"}:
         assert hasattr(protocol, name), f"WebSocketsSansIOProtocol has no {name!r}"
     for name in WS_METHODS:
         assert callable(getattr(websockets_sansio_impl.WebSocketsSansIOProtocol, name, None)), name
-    assert hasattr(protocol.conn, "extensions")
+    assert hasattr(protocol.conn, "extensions") and isinstance(protocol.conn.events, list)
+    assert isinstance(protocol.conn.reader.buffer, bytearray)
+    # `detach` leaves a stand-in close timer so that the ASGI call's end does not close the socket.
+    assert "if self.close_timer is None:" in inspect.getsource(websockets_sansio_impl.WebSocketsSansIOProtocol.run_asgi)
     source = inspect.getsource(websockets_sansio_impl.WebSocketsSansIOProtocol)
     for name in ("scope", "request", "response"):  # set during the handshake, then read by direct.py
         assert f"self.{name} =" in source or f"self.{name}: " in source, f"no {name!r} assigned by uvicorn"

@@ -17,7 +17,6 @@ from websockets.asyncio.client import ClientConnection, connect
 from websockets.client import ClientProtocol
 from websockets.exceptions import ConnectionClosed
 from websockets.frames import Frame, Opcode
-from websockets.http11 import Response
 from websockets.protocol import State
 from websockets.typing import Subprotocol
 from websockets.uri import parse_uri
@@ -126,6 +125,8 @@ class RawClient:
         self.protocol = ClientProtocol(parse_uri(url), subprotocols=protocols(token), max_size=None)
         self.sock: socket.socket | None = None
         self.messages: list[Message] = []
+        #: Every other frame received (pings, pongs, binary), in order.
+        self.control: list[Frame] = []
 
     async def __aenter__(self) -> RawClient:
         loop = asyncio.get_running_loop()
@@ -165,8 +166,8 @@ class RawClient:
         for event in self.protocol.events_received():
             if isinstance(event, Frame) and event.opcode is Opcode.TEXT:
                 self.messages.append(json.loads(bytes(event.data)))
-            elif isinstance(event, Response):
-                continue
+            elif isinstance(event, Frame):
+                self.control.append(event)
         return bool(data)
 
     async def send(self, **message: Any) -> None:

@@ -16,6 +16,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from http.cookies import CookieError, SimpleCookie
+from types import MappingProxyType
 from typing import Any
 from urllib.parse import parse_qsl
 
@@ -61,6 +62,8 @@ _JWT_ERRORS: tuple[tuple[type[Exception], str, str], ...] = (
 )
 
 
+_NO_CLAIMS: Mapping[str, Any] = MappingProxyType({})
+
 #: Verified tokens remembered at most (about 200 bytes each, claims shared with their principal).
 VERIFIED_CACHE_SIZE = 65536
 
@@ -80,7 +83,7 @@ class Authenticator:
         self._jwks_fetched_at = 0.0
         self._jwks_lock = asyncio.Lock()
         #: Verified tokens by digest, oldest first (see `authenticate`).
-        self._verified: OrderedDict[bytes, Principal] = OrderedDict()
+        self._verified: OrderedDict[bytes, tuple[float, Principal]] = OrderedDict()
         self._prepare_static_keys()
 
     def _prepare_static_keys(self) -> None:
@@ -127,24 +130,30 @@ class Authenticator:
 
         A verified token is remembered (by a digest of the whole token) until it expires, so a
         browser that reconnects with the same token, in a reconnect storm say, costs a
-        dictionary lookup instead of a signature check.
+        dictionary lookup instead of a signature check. A token verified with a JWKS key is
+        remembered no longer than the keys are (`jwks_cache_ttl`): a key withdrawn from the
+        JWKS stops being honoured as soon as it would without the cache.
         """
         if len(token) > self.jwt.max_token_bytes:
             raise _invalid("too_large", "token is too large")
         digest = hashlib.blake2b(token.encode("utf-8", "surrogatepass"), digest_size=20).digest()
         cached = self._verified.get(digest)
         if cached is not None:
-            if cached.valid_until > self.clock():
+            if cached[0] > self.clock():
                 self._verified.move_to_end(digest)
-                return cached
+                return cached[1]
             del self._verified[digest]
-        principal = await self._verify(token)
-        self._verified[digest] = principal
+        principal, from_jwks = await self._verify(token)
+        until = principal.valid_until
+        if from_jwks:
+            until = min(until, self._jwks_fetched_at + self.jwt.jwks_cache_ttl)
+        self._verified[digest] = (until, principal)
         if len(self._verified) > VERIFIED_CACHE_SIZE:
             self._verified.popitem(last=False)
         return principal
 
-    async def _verify(self, token: str) -> Principal:
+    async def _verify(self, token: str) -> tuple[Principal, bool]:
+        """The token's principal, and whether a JWKS key verified it."""
         try:
             header = jwt.get_unverified_header(token)
         except jwt.DecodeError:
@@ -179,8 +188,11 @@ class Authenticator:
         if not isinstance(streams, list | tuple) or not all(isinstance(s, str) for s in streams):
             raise _invalid("bad_streams_claim", f"the '{self.jwt.streams_claim}' claim must be a list of strings")
         expires_at = float(claims["exp"])
-        return Principal(consumer=consumer, claims=claims, expires_at=expires_at, streams=tuple(streams),
-                         valid_until=expires_at + self.jwt.leeway)
+        # The claims are only ever read again to send them to the webhook; without one, an open
+        # stream (and the verified-token cache) need not keep them.
+        kept = claims if self.config.authorize_url else _NO_CLAIMS
+        return Principal(consumer=consumer, claims=kept, expires_at=expires_at, streams=tuple(streams),
+                         valid_until=expires_at + self.jwt.leeway), alg not in self._static_keys
 
     async def _key_for(self, alg: str, kid: object) -> Any:
         if alg in self._static_keys:

@@ -10,12 +10,14 @@ socket, and the bytes the hub joined once are written to every subscriber as the
 `DirectHttpProtocol` is uvicorn's httptools protocol with the extension added. Servers
 without it (h11, other ASGI servers) simply don't offer it, and streams fall back to
 `send`; see `transports.sse`. `DirectWebSocketProtocol` does the same for accepted
-WebSockets: the application may write whole, ready-made frames (an event's frame is the
-same bytes on every socket, so it is built once); see `transports.ws_writer`.
+WebSockets: after the handshake the socket becomes a `ws_socket.DetachedWebSocket`, which
+writes the hub's ready-made frames (an event's frame is the same bytes on every socket, so
+it is built once) and parses what the client sends; see `transports.ws_connection`.
 """
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable, Mapping
 from http import HTTPStatus
 from typing import Any, Protocol
@@ -23,6 +25,8 @@ from typing import Any, Protocol
 from uvicorn.protocols.http.httptools_impl import HEADER_RE, HEADER_VALUE_RE, HttpToolsProtocol
 from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
 from websockets.http11 import Request
+
+from gateway.transports.ws_socket import DetachedWebSocket, WSSink
 
 EXTENSION = "gateway.direct"
 
@@ -66,28 +70,30 @@ def detacher(scope: Mapping[str, Any]) -> Detach | None:
     return detach
 
 
-class _Detached:
-    """A detached response's output: its transport and write-paused flag in one small object.
+class _Detached(asyncio.Protocol):
+    """A detached response: the socket's protocol from `detach` on, and its output.
 
-    It also stands in for uvicorn's `FlowControl` (the protocol's `pause_writing` and
-    `resume_writing` land here), so a fan-out pass touches this object and the transport
-    per subscriber, not the protocol's attribute dictionary.
+    Slotted and small, because thousands of these idle for hours: uvicorn's protocol object
+    (its parser, its cycle, its attribute dictionary) is dropped once the socket is handed over.
+    A fan-out pass touches this object and the transport per subscriber, nothing else.
     """
 
-    __slots__ = ("paused", "transport")
+    __slots__ = ("_registry", "paused", "sink", "transport")
     #: The last body chunk framed and the frame: subscribers at the same place write the same
     #: bytes object, so one framing serves all of them (a memo; it holds at most one chunk).
     _framed: tuple[bytes, bytes] = (b"", b"")
 
-    def __init__(self, transport: Any, paused: bool) -> None:
+    def __init__(self, transport: Any, paused: bool, sink: Sink | None = None,
+                 registry: set[Any] | None = None) -> None:
         self.transport = transport
         self.paused = paused
+        self.sink = sink
+        #: The server's live connections (uvicorn's `server_state.connections`): shutdown finds us there.
+        self._registry = registry
+        if registry is not None:
+            registry.add(self)
 
-    def pause_writing(self) -> None:
-        self.paused = True
-
-    def resume_writing(self) -> None:
-        self.paused = False
+    # -- Output ----------------------------------------------------------------------------
 
     def write(self, data: bytes) -> None:
         transport = self.transport
@@ -106,11 +112,36 @@ class _Detached:
     def abort(self) -> None:
         self.transport.abort()
 
+    # -- asyncio.Protocol --------------------------------------------------------------------
+
+    def data_received(self, data: bytes) -> None:
+        return None  # a detached stream's client has nothing more to say; anything it sends is dropped
+
+    def eof_received(self) -> bool | None:
+        return None
+
+    def pause_writing(self) -> None:
+        self.paused = True
+
+    def resume_writing(self) -> None:
+        self.paused = False
+        if self.sink is not None:
+            self.sink.writable()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._registry is not None:
+            self._registry.discard(self)
+        sink, self.sink = self.sink, None
+        if sink is not None:
+            sink.lost()
+
+    def shutdown(self) -> None:
+        """uvicorn's shutdown: the gateway's drain has told the stream to reconnect; what is left goes now."""
+        self.transport.close()
+
 
 class DirectHttpProtocol(HttpToolsProtocol):
     """uvicorn's httptools protocol that can give a response's socket to the application."""
-
-    _sink: Sink | None = None
 
     def on_headers_complete(self) -> None:
         pipelined = self.cycle is not None and not self.cycle.response_complete
@@ -119,7 +150,7 @@ class DirectHttpProtocol(HttpToolsProtocol):
             self.scope.setdefault("extensions", {})[EXTENSION] = {"detach": self.detach}
 
     def detach(self, sink: Sink, status: int, headers: list[tuple[bytes, bytes]]) -> Output | None:
-        """Write the response head and take the connection out of the ASGI cycle.
+        """Write the response head and hand the connection to `sink`, out of uvicorn's hands.
 
         The body is sent with chunked encoding, so a client can tell a complete stream
         from a cut one. Returns None when the response already started (the app must use
@@ -137,124 +168,72 @@ class DirectHttpProtocol(HttpToolsProtocol):
         cycle.response_started = cycle.response_complete = True  # uvicorn writes nothing more for it
         cycle.keep_alive = False
         self._unset_keepalive_if_required()
-        self.transport.write(b"".join(head))
-        self._sink = sink
-        # Free the per-request state now (a stream lives for hours): what parses, pipelines and
-        # awaits requests is never used again on this connection.
+        transport = self.transport
+        transport.write(b"".join(head))
+        connections = self.server_state.connections
+        output = _Detached(transport, self.flow.write_paused, sink, connections)
+        connections.discard(self)
+        transport.set_protocol(output)
+        if self.flow.read_paused:
+            transport.resume_reading()  # so that a client going away is noticed
+        # This protocol object (parser, cycle, scope) is never used again on this connection.
         self.cycle = None  # type: ignore[assignment]
-        self.scope = None  # type: ignore[assignment]
-        self.headers = None  # type: ignore[assignment]
         self.parser = None  # type: ignore[assignment]
-        self.pipeline = None  # type: ignore[assignment]
-        output = _Detached(self.transport, self.flow.write_paused)
-        self.flow = output  # type: ignore[assignment]
-        self.server = self.client = None
         return output
 
-    # --- the transport's callbacks -------------------------------------------------
 
-    def data_received(self, data: bytes) -> None:
-        if self._sink is None:
-            super().data_received(data)
-        # A detached stream's client has nothing more to say; anything it sends is dropped.
+class _HandedOver:
+    """Stands in for uvicorn's close timer once the socket is detached, so that `run_asgi`
+    leaves the transport open when the application's call returns."""
 
-    def resume_writing(self) -> None:
-        super().resume_writing()
-        if self._sink is not None:
-            self._sink.writable()
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        sink = self._sink
-        super().connection_lost(exc)
-        if sink is not None:
-            self._sink = None
-            sink.lost()
-
-    def shutdown(self) -> None:
-        if self._sink is not None:
-            # The gateway's drain has told the stream to reconnect; whatever is left goes now.
-            self.transport.close()
-            return
-        super().shutdown()
+    def cancel(self) -> None:
+        return None
 
 
-
-class FrameOutput(Protocol):
-    """Whole WebSocket frames written straight to an accepted socket."""
-
-    @property
-    def paused(self) -> bool:
-        """The socket's buffer is over its high-water mark."""
-
-    def write_frames(self, data: bytes) -> bool:
-        """Write complete frames; False once the socket is closing (nothing was written)."""
-
-    async def drained(self) -> None:
-        """Wait until the buffer is below its low-water mark (or the socket is gone)."""
-
-    def on_writable(self, callback: Callable[[], None]) -> None:
-        """Call `callback` each time a full buffer drains below its low-water mark."""
+_HANDED_OVER = _HandedOver()
 
 
-def frame_output(scope: Mapping[str, Any]) -> FrameOutput | None:
-    """The socket itself, when the server offers it and no extension (compression) transforms frames."""
+def ws_detacher(scope: Mapping[str, Any]) -> Callable[[WSSink, int], DetachedWebSocket | None] | None:
+    """The accepted WebSocket's `detach`, when the server offers it."""
     extension = (scope.get("extensions") or {}).get(EXTENSION)
     if extension is None:
         return None
-    output: DirectWebSocketProtocol = extension["frames"]
-    return output if output.frames_untransformed else None
+    detach: Callable[[WSSink, int], DetachedWebSocket | None] = extension["detach"]
+    return detach
 
 
 class DirectWebSocketProtocol(WebSocketsSansIOProtocol):
-    """uvicorn's websockets (sans-I/O) protocol that lets the application write whole frames.
+    """uvicorn's websockets (sans-I/O) protocol that can give an accepted socket to the application.
 
-    Safe to interleave with uvicorn's own writes (pings, pongs, the close) because both only
-    ever write complete frames and the gateway never fragments a message.
+    uvicorn does the handshake (and every refusal before it); `detach` then makes a
+    `DetachedWebSocket` the transport's protocol, and this object (the `websockets` state
+    machine, the receive queue, the keepalive timers) is dropped when the ASGI call returns.
     """
-
-    _writable_callback: Callable[[], None] | None = None
-    #: The transport's buffer is over its high-water mark (a plain attribute: the fan-out pass
-    #: reads it for every socket; uvicorn's own `writable` event stays as it was).
-    paused = False
 
     def handle_connect(self, event: Request) -> None:
         super().handle_connect(event)
         scope = getattr(self, "scope", None)
         if scope is not None and not self.close_sent:
-            scope["extensions"][EXTENSION] = {"frames": self}
+            scope["extensions"][EXTENSION] = {"detach": self.detach}
 
-    async def send(self, message: Any) -> None:
-        await super().send(message)
-        if message["type"] == "websocket.accept" and self.handshake_complete:
-            # The handshake's request and response (headers and all) are never read again.
-            self.request = self.response = None  # type: ignore[assignment]
+    def detach(self, sink: WSSink, max_size: int) -> DetachedWebSocket | None:
+        """Hand the accepted socket to `sink`; None when it cannot be handed over as it is.
 
-    @property
-    def frames_untransformed(self) -> bool:
-        return not self.conn.extensions
-
-    def write_frames(self, data: bytes) -> bool:
-        if not self.handshake_complete or self.close_sent or self.disconnected or self.transport.is_closing():
-            return False
-        self.transport.write(data)
-        return True
-
-    async def drained(self) -> None:
-        await self.writable.wait()
-
-    def on_writable(self, callback: Callable[[], None]) -> None:
-        self._writable_callback = callback
-
-    def pause_writing(self) -> None:
-        super().pause_writing()
-        self.paused = True
-
-    def resume_writing(self) -> None:
-        super().resume_writing()
-        self.paused = False
-        if self._writable_callback is not None:
-            self._writable_callback()
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        super().connection_lost(exc)
-        self.paused = False  # as uvicorn sets `writable`: nothing will drain now, and nobody should wait
+        Call it right after `websocket.accept`. It refuses a socket that is closing, one
+        with an extension (compression transforms frames), or one whose client already sent
+        something uvicorn has parsed or buffered: the application then stays on ASGI.
+        """
+        conn = self.conn
+        if (not self.handshake_complete or self.close_sent or self.disconnected or self.transport.is_closing()
+                or conn.extensions or not self.queue.empty() or self.read_paused or self.frames
+                or conn.events or conn.reader.buffer):
+            return None
+        self.stop_keepalive()
+        socket = DetachedWebSocket(self.transport, sink, max_size, not self.writable.is_set(), self.connections)
+        self.connections.discard(self)
+        self.transport.set_protocol(socket)
+        # uvicorn must neither write nor close anything for this socket again.
+        self.close_sent = True
+        self.close_timer = _HANDED_OVER  # type: ignore[assignment]
+        self.conn = self.request = self.response = None  # type: ignore[assignment]
+        return socket
