@@ -125,3 +125,29 @@ async def test_a_client_that_stops_reading_is_cut_off_without_slowing_others(sim
             await wait_for(released(gateway), message="streams released")
         finally:
             stuck.close()
+
+
+async def test_a_stream_starts_with_a_jittered_retry_right_after_its_head(sim: Sim, gateway_factory: Any,
+                                                                         direct: bool) -> None:
+    gateway = await gateway_factory(direct=direct)
+    await sim.post("/_sim/configure", {"resource": "evaluations/e-retry", "rows": 3, "interval": 5})
+    parts = urlsplit(gateway.url)
+    token = gateway.headers()["Authorization"]
+    loop = asyncio.get_running_loop()
+    with socket.create_connection((parts.hostname, parts.port)) as sock:
+        sock.setblocking(False)
+        request = (f"GET /api/v1/evaluations/e-retry/stream HTTP/1.1\r\nHost: x\r\nAuthorization: {token}\r\n\r\n")
+        await loop.sock_sendall(sock, request.encode())
+        data = b""
+
+        async def has_the_first_chunk() -> bool:
+            nonlocal data
+            data += await loop.sock_recv(sock, 65536)
+            return b"\r\n\r\n" in data and b"\n\n\r\n" in data.split(b"\r\n\r\n", 1)[1]
+
+        await wait_for(has_the_first_chunk, message="the head and the first chunk")
+    head, body = data.split(b"\r\n\r\n", 1)
+    assert head.startswith(b"HTTP/1.1 200") and b"transfer-encoding: chunked" in head.lower()
+    size, _, rest = body.partition(b"\r\n")
+    first = rest[:int(size, 16)]
+    assert first.startswith(b"retry: ") and 1000 <= int(first[7:].strip()) <= 5000

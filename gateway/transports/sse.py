@@ -141,9 +141,11 @@ class _Stream:
         # Per-stream lines are debug: at info, a reconnect storm would spend its time writing logs.
         log.debug("stream opened", extra={"transport": "sse", "stream_kind": self.sub.topic.kind,
                                          "resume": after_id is not None})
+        # Jittered reconnect delay so a gateway restart does not bring every browser back at once.
+        retry = encode_retry(random.randint(1000, 5000))
         detach = detacher(scope)
         try:
-            out = detach(self, 200, headers) if detach is not None else None
+            out = detach(self, 200, headers, retry) if detach is not None else None
         except BaseException:
             self.lost()  # release what admission took
             raise
@@ -151,6 +153,7 @@ class _Stream:
             self._start(out)
             return
         fallback = SendOutput(self, send, receive)
+        fallback.write(retry)
         try:
             self._start(fallback)
             await fallback.run(headers)
@@ -168,8 +171,6 @@ class _Stream:
         sub.transport = "sse"
         self.expiry = owner.expiries.schedule(self.valid_until, self.expire)
         owner.subscribers[sub.topic.kind].inc()
-        # Jittered reconnect delay so a gateway restart does not bring every browser back at once.
-        out.write(encode_retry(random.randint(1000, 5000)))
         self.flush()
 
     # --- the hub's and the socket's callbacks ---------------------------------------
