@@ -152,6 +152,10 @@ class Authenticator:
             self._verified.popitem(last=False)
         return principal
 
+    def forget(self) -> None:
+        """Drop every remembered verification (the next use of each token is verified again)."""
+        self._verified.clear()
+
     async def _verify(self, token: str) -> tuple[Principal, bool]:
         """The token's principal, and whether a JWKS key verified it."""
         try:
